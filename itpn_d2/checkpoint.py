@@ -1,0 +1,163 @@
+"""Reading and writing checkpoints: safe loading, atomic saving, metadata to rebuild the model.
+
+Every checkpoint this project writes holds ``model`` (the exact state dict of
+``build_itpn(model_name, **model_overrides)``) and the metadata below, stored as plain types.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+FORMAT_VERSION = 1
+# ImageNet statistics on the 0-255 scale (Detectron2's convention), RGB order.
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+METADATA_KEYS = ("model_name", "model_overrides", "pixel_mean", "pixel_std", "channel_order",
+                 "format_version")
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable checkpoint, or weights that do not fit the model."""
+
+
+def model_metadata(model_name: str, model_overrides: Mapping[str, Any],
+                   pixel_mean: Sequence[float] = IMAGENET_MEAN,
+                   pixel_std: Sequence[float] = IMAGENET_STD,
+                   channel_order: str = "RGB") -> Dict[str, Any]:
+    """Metadata every checkpoint carries; pixel statistics are on the 0-255 scale."""
+    if channel_order not in ("RGB", "BGR"):
+        raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {channel_order!r}")
+    return {
+        "model_name": model_name,
+        "model_overrides": _plain(dict(model_overrides)),
+        "pixel_mean": [float(v) for v in pixel_mean],
+        "pixel_std": [float(v) for v in pixel_std],
+        "channel_order": channel_order,
+        "format_version": FORMAT_VERSION,
+    }
+
+
+def _plain(value: Any) -> Any:
+    """Plain Python containers and scalars only (tuples become lists, Namespaces dicts)."""
+    if isinstance(value, argparse.Namespace):
+        value = vars(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot store {type(value).__name__} in checkpoint metadata: {value!r}")
+
+
+def save_checkpoint(obj: Dict[str, Any], path: PathLike) -> None:
+    """Write ``obj`` to ``path`` atomically: a temporary file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _safe_globals() -> list:
+    """Types that published iTPN checkpoints pickle besides tensors (their CLI args)."""
+    import numpy as np
+
+    allowed = [argparse.Namespace, np.dtype, np.ndarray]
+    try:  # numpy >= 1.25 keeps scalar reconstruction in numpy.core / numpy._core
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # pragma: no cover - older numpy
+        from numpy.core.multiarray import _reconstruct, scalar
+    allowed += [scalar, _reconstruct]
+    allowed += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
+    return allowed
+
+
+def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``, allowing only the types listed above.
+
+    Returns a dict; a bare state dict is returned as ``{"model": state_dict}``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} holds objects this loader will not unpickle (only tensors, plain "
+            f"containers, argparse.Namespace and numpy scalars are allowed): {e}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        obj = {"model": obj}
+    if not isinstance(obj.get("model"), Mapping):
+        raise CheckpointError(f"{path} has no 'model' state dict (keys: {sorted(obj)[:10]})")
+    return obj
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
+                     what: str = "checkpoint") -> None:
+    """Raise one :class:`CheckpointError` naming every missing, unexpected or mis-shaped key."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [f"{k}: {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items()
+                  if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    if missing or unexpected or mismatched:
+        lines = [f"{what} does not fit the model (another architecture or size?)"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected),
+                            ("shape mismatch", mismatched)):
+            if keys:
+                shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
+                lines.append(f"  {title}: {shown}")
+        raise CheckpointError("\n".join(lines))
+
+
+def model_from_checkpoint(ckpt: Union[PathLike, Mapping[str, Any]], **extra_overrides: Any
+                          ) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    """Rebuild ``build_itpn(model_name, **model_overrides, **extra_overrides)`` and load weights."""
+    from .modeling import build_itpn
+
+    if not isinstance(ckpt, Mapping):
+        ckpt = load_checkpoint(ckpt)
+    if "model_name" not in ckpt:
+        raise CheckpointError(
+            "checkpoint has no 'model_name' metadata; convert published checkpoints first "
+            "(tools/convert_official_checkpoint.py)")
+    overrides = {**ckpt.get("model_overrides", {}), **extra_overrides}
+    model = build_itpn(ckpt["model_name"], **overrides)
+    check_state_dict(model, ckpt["model"])
+    model.load_state_dict(ckpt["model"])
+    return model, dict(ckpt)
+
+
+def metadata_of(ckpt: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The metadata part of a checkpoint dict, or ``None`` if it has none."""
+    if "model_name" not in ckpt:
+        return None
+    return {k: ckpt[k] for k in METADATA_KEYS if k in ckpt}

@@ -1,0 +1,135 @@
+"""iTPN = HiViT backbone + integral pyramid: the one model shared by pretraining and Detectron2."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .hivit import HiViT, HiViTFeatures, hivit_layer_id
+from .layers import tokens_to_map
+from .pyramid import IntegralPyramid
+
+
+class ITPN(nn.Module):
+    """HiViT backbone with the integral feature pyramid (``pyramid=False``: backbone only).
+
+    Args:
+        img_size, in_chans, embed_dim, mlp_depth, depth, num_heads, bridge_mlp_ratio, mlp_ratio,
+        qkv_bias, abs_pos_embed, rpe, layer_scale_init, drop_path_rate, use_checkpoint:
+            see :class:`~itpn_d2.modeling.hivit.HiViT`.
+        pyramid: build the integral pyramid.
+        fpn_dim: pyramid channels.
+        fpn_depth: MLP blocks after each top-down fusion of the pyramid.
+    """
+
+    def __init__(self, *, img_size: Union[int, Tuple[int, int]] = 224, in_chans: int = 3,
+                 embed_dim: int = 512, mlp_depth: int = 3, depth: int = 24, num_heads: int = 8,
+                 bridge_mlp_ratio: float = 3.0, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 abs_pos_embed: bool = True, rpe: bool = False,
+                 layer_scale_init: Optional[float] = None, drop_path_rate: float = 0.0,
+                 use_checkpoint: bool = False, pyramid: bool = True, fpn_dim: int = 256,
+                 fpn_depth: int = 2):
+        super().__init__()
+        self.backbone = HiViT(
+            img_size=img_size, in_chans=in_chans, embed_dim=embed_dim, mlp_depth=mlp_depth,
+            depth=depth, num_heads=num_heads, bridge_mlp_ratio=bridge_mlp_ratio,
+            mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, abs_pos_embed=abs_pos_embed, rpe=rpe,
+            layer_scale_init=layer_scale_init, drop_path_rate=drop_path_rate,
+            use_checkpoint=use_checkpoint)
+        self.pyramid = IntegralPyramid(embed_dim, fpn_dim, fpn_depth, mlp_ratio) if pyramid else None
+        # Set by build_itpn so that checkpoints can record how to rebuild the model.
+        self.model_name: Optional[str] = None
+        self.model_overrides: Dict[str, Any] = {}
+
+    @property
+    def fpn_dim(self) -> int:
+        return self.pyramid.fpn_dim if self.pyramid is not None else 0
+
+    def forward_pyramid(self, images: torch.Tensor, ids_keep: Optional[torch.Tensor] = None
+                        ) -> List[torch.Tensor]:
+        """Pyramid levels ordered by stride ``[s4, s8, s16]``.
+
+        Without ``ids_keep``: NCHW maps ``(B, fpn_dim, H/s, W/s)``. With ``ids_keep`` ``(B, K)``:
+        visible tokens only, token layout ``(B, K, h, w, fpn_dim)`` with ``h = w = 4, 2, 1``.
+        """
+        if self.pyramid is None:
+            raise RuntimeError("this model was built with pyramid=False; it has no pyramid")
+        feats = self.backbone(images, ids_keep)
+        levels = self.pyramid(feats)
+        if ids_keep is not None:
+            return levels
+        return [tokens_to_map(level, feats.grid) for level in levels]
+
+    def forward_features(self, images: torch.Tensor, ids_keep: Optional[torch.Tensor] = None
+                         ) -> Tuple[HiViTFeatures, Optional[List[torch.Tensor]]]:
+        """Backbone stages and (if built) pyramid levels, both in token layout."""
+        feats = self.backbone(images, ids_keep)
+        return feats, (self.pyramid(feats) if self.pyramid is not None else None)
+
+    forward = forward_pyramid
+
+    def layer_id(self, name: str) -> int:
+        """Layer id of a parameter of this model for layer-wise LR decay.
+
+        Backbone parameters get their depth (see :func:`hivit_layer_id`); the pyramid, which
+        sits on top of the last block, gets ``num_layers`` (the same as task heads).
+        """
+        if name.startswith("backbone."):
+            return hivit_layer_id(name[len("backbone."):], len(self.backbone.stage4),
+                                  self.backbone.num_layers)
+        return self.backbone.num_layers
+
+    def no_weight_decay_names(self) -> List[str]:
+        """Parameters that take no weight decay beyond norms and biases (which callers add)."""
+        names = ["backbone." + n for n in self.backbone.no_weight_decay_names()]
+        return names + [n for n, _ in self.named_parameters() if n.endswith(".gamma")]
+
+
+# --------------------------------------------------------------------------- arch table
+
+ARCHS: Dict[str, Dict[str, Any]] = {
+    "itpn_nano": dict(embed_dim=128, mlp_depth=1, depth=4, num_heads=4, fpn_dim=64),
+    "itpn_tiny": dict(embed_dim=384, mlp_depth=2, depth=10, num_heads=6),
+    "itpn_small": dict(embed_dim=384, mlp_depth=4, depth=20, num_heads=6),
+    "itpn_base": dict(embed_dim=512, mlp_depth=3, depth=24, num_heads=8),
+    "itpn_large": dict(embed_dim=768, mlp_depth=2, depth=40, num_heads=12),
+}
+
+BUILD_ARGS = tuple(p for p in inspect.signature(ITPN.__init__).parameters if p != "self")
+
+
+def build_itpn(name: str, **overrides: Any) -> ITPN:
+    """Build a named iTPN (``itpn_nano`` ... ``itpn_large``) with keyword overrides.
+
+    Defaults follow the published pixel model (``rpe=False``, absolute position embedding,
+    ``fpn_depth=2``, no layer scale, ``img_size=224``). Unknown overrides raise ``TypeError``.
+    """
+    if name not in ARCHS:
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(ARCHS)}")
+    unknown = sorted(set(overrides) - set(BUILD_ARGS))
+    if unknown:
+        raise TypeError(f"build_itpn({name!r}) got unknown arguments {unknown}; "
+                        f"valid: {', '.join(BUILD_ARGS)}")
+    model = ITPN(**{**ARCHS[name], **overrides})
+    model.model_name = name
+    model.model_overrides = dict(overrides)
+    return model
+
+
+def _builder(name: str):
+    def build(**overrides: Any) -> ITPN:
+        return build_itpn(name, **overrides)
+
+    build.__name__ = name
+    build.__doc__ = f"{name}: {ARCHS[name]} (see :func:`build_itpn`)."
+    return build
+
+
+itpn_nano = _builder("itpn_nano")
+itpn_tiny = _builder("itpn_tiny")
+itpn_small = _builder("itpn_small")
+itpn_base = _builder("itpn_base")
+itpn_large = _builder("itpn_large")
