@@ -1,0 +1,385 @@
+"""A small synthetic shapes dataset for CPU pretraining, detection and segmentation runs.
+
+Each image is a textured background with a few filled, textured shapes of ``CLASS_NAMES``
+that may overlap. Everything is drawn from ``seed``: the same settings give identical files.
+
+Layout under ``root`` (default ``datasets/itpn_toy`` in the repository, or ``$ITPN_TOY_ROOT``)::
+
+    images/{train,val}/000000.png            RGB images
+    annotations/instances_{train,val}.json   COCO instances, masks as compressed RLE
+    sem_seg/{train,val}/000000.png           uint8 labels, same file names as the images
+    meta.json                                class names, sizes, seed, version
+
+Labels and masks:
+    * Shapes are painted in order, so a shape's mask is what stays visible after the later
+      shapes are drawn. Shapes with less than ``min_area`` visible pixels get no annotation.
+    * COCO category ids are 1..K in ``CLASS_NAMES`` order. Masks are RLE (not polygons) so
+      they are exact, which means Detectron2 mappers need ``instance_mask_format="bitmask"``.
+    * Semantic labels: 0 = background (a class of its own), k = COCO category k, and
+      ``IGNORE_LABEL`` (255) only on the visible pixels of shapes too small to annotate.
+
+This module never imports detectron2 at import time; :func:`register_toy_datasets` does.
+"""
+
+import json
+import math
+import os
+from functools import partial
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pycocotools.mask as mask_util
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "CLASS_NAMES",
+    "IGNORE_LABEL",
+    "default_toy_root",
+    "make_toy_dataset",
+    "register_toy_datasets",
+    "render_toy_image",
+    "toy_class_names",
+    "toy_paths",
+]
+
+# Bump when the drawing code changes, so stale datasets on disk are regenerated.
+TOY_VERSION = 1
+CLASS_NAMES = ("circle", "square", "triangle", "star", "cross")
+BACKGROUND_LABEL = 0
+IGNORE_LABEL = 255
+SPLITS = ("train", "val")
+ROOT_ENV = "ITPN_TOY_ROOT"
+MAX_SHAPES = 5
+# Shape radius (centre to farthest vertex) as a fraction of the image side.
+RADIUS_RANGE = (0.08, 0.22)
+# Least RGB distance between a shape's colour and the mean colour it is painted over.
+MIN_CONTRAST = 90.0
+MAKE_COMMAND = "python tools/make_toy_dataset.py"
+
+PathLike = Union[str, os.PathLike]
+Instance = Tuple[int, np.ndarray]  # (COCO category id, visible mask [H, W] bool)
+
+
+def toy_class_names() -> List[str]:
+    """Shape class names; COCO category id ``k`` is ``toy_class_names()[k - 1]``."""
+    return list(CLASS_NAMES)
+
+
+def default_toy_root() -> Path:
+    """``$ITPN_TOY_ROOT`` if set, else ``datasets/itpn_toy`` in the repository."""
+    if os.environ.get(ROOT_ENV):
+        return Path(os.environ[ROOT_ENV])
+    return Path(__file__).resolve().parents[2] / "datasets" / "itpn_toy"
+
+
+def toy_paths(root: PathLike) -> Dict:
+    """Paths of the dataset under ``root``, named as Detectron2's loaders name them."""
+    root = Path(root)
+    paths = {"root": root, "meta": root / "meta.json"}
+    for split in SPLITS:
+        paths[split] = {
+            "image_root": root / "images" / split,
+            "json_file": root / "annotations" / f"instances_{split}.json",
+            "sem_seg_root": root / "sem_seg" / split,
+        }
+    return paths
+
+
+def _settings(num_train: int, num_val: int, image_size: int, seed: int) -> Dict:
+    return {
+        "version": TOY_VERSION,
+        "num_train": num_train,
+        "num_val": num_val,
+        "image_size": image_size,
+        "seed": seed,
+        "min_area": _min_area(image_size),
+    }
+
+
+def _min_area(image_size: int) -> int:
+    return image_size * image_size // 400  # 40 pixels at 128 x 128
+
+
+# ----------------------------------------------------------------------------------- drawing
+def _shape_polygon(
+    class_name: str, center: np.ndarray, radius: float, angle: float
+) -> List[Tuple[float, float]]:
+    """Vertices of a shape of circumradius ``radius`` rotated by ``angle`` (radians)."""
+    if class_name == "circle":
+        points = [(math.cos(t), math.sin(t)) for t in np.linspace(0, 2 * math.pi, 40, False)]
+    elif class_name in ("square", "triangle"):
+        n = 4 if class_name == "square" else 3
+        points = [(math.cos(t), math.sin(t)) for t in np.linspace(0, 2 * math.pi, n, False)]
+    elif class_name == "star":
+        radii = [1.0, 0.45] * 5
+        angles = np.linspace(0, 2 * math.pi, 10, False)
+        points = [(r * math.cos(t), r * math.sin(t)) for r, t in zip(radii, angles)]
+    elif class_name == "cross":
+        w = 0.3  # half width of an arm
+        points = [(w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1)]
+        points += [(-x, -y) for x, y in points]
+    else:
+        raise ValueError(f"unknown toy class {class_name!r}")
+    cos, sin = math.cos(angle), math.sin(angle)
+    return [
+        (center[0] + radius * (cos * x - sin * y), center[1] + radius * (sin * x + cos * y))
+        for x, y in points
+    ]
+
+
+def _rasterize(polygon: Sequence[Tuple[float, float]], size: int) -> np.ndarray:
+    canvas = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(canvas).polygon(list(polygon), fill=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A linear gradient or smooth colour blotches, as float32 [H, W, 3] in 0..255."""
+    if rng.random() < 0.5:
+        c0, c1 = rng.uniform(0, 255, size=(2, 3))
+        angle = rng.uniform(0, 2 * math.pi)
+        y, x = np.mgrid[0:size, 0:size] / (size - 1)
+        t = x * math.cos(angle) + y * math.sin(angle)
+        t = (t - t.min()) / (t.max() - t.min())
+        image = c0 + (c1 - c0) * t[..., None]
+    else:
+        cells = int(rng.integers(2, 7))
+        coarse = rng.uniform(0, 255, size=(cells, cells, 3)).astype(np.uint8)
+        image = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR))
+    return image.astype(np.float32)
+
+
+def _texture(rng: np.random.Generator, size: int, colour: np.ndarray) -> np.ndarray:
+    """Solid colour, stripes or per-pixel noise around ``colour``: float32 [H, W, 3]."""
+    kind = rng.integers(3)
+    texture = np.broadcast_to(colour, (size, size, 3)).astype(np.float32)
+    if kind == 1:
+        period = rng.uniform(4, 10)
+        angle = rng.uniform(0, math.pi)
+        y, x = np.mgrid[0:size, 0:size]
+        phase = (x * math.cos(angle) + y * math.sin(angle)) / period
+        dark = (np.floor(phase) % 2).astype(np.float32)  # 0 / 1 bands
+        texture = texture * (1.0 - 0.4 * dark[..., None])
+    elif kind == 2:
+        texture = texture + rng.normal(0, 25, size=(size, size, 1))
+    return texture
+
+
+def _shape_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
+    """A random colour that stands out from ``under`` (the mean colour it covers)."""
+    for _ in range(20):
+        colour = rng.uniform(0, 255, size=3)
+        if np.linalg.norm(colour - under) >= MIN_CONTRAST:
+            return colour
+    return 255.0 - under  # the complement always contrasts enough
+
+
+def render_toy_image(
+    split: str, index: int, image_size: int = 128, seed: int = 0
+) -> Tuple[np.ndarray, List[Instance], np.ndarray]:
+    """Draw image ``index`` of ``split``; it depends only on these arguments.
+
+    Returns:
+        image: uint8 [H, W, 3] RGB.
+        instances: (category id, visible mask) of the annotated shapes, in drawing order.
+        semantic: uint8 [H, W] labels (see the module docstring).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    size = image_size
+
+    image = _background(rng, size)
+    owner = np.full((size, size), -1, dtype=np.int16)  # index of the shape on top, -1 = none
+    categories = []
+    for i in range(int(rng.integers(1, MAX_SHAPES + 1))):
+        category = int(rng.integers(len(CLASS_NAMES))) + 1
+        radius = rng.uniform(*RADIUS_RANGE) * size
+        center = rng.uniform(0.3 * radius, size - 0.3 * radius, size=2)
+        polygon = _shape_polygon(
+            CLASS_NAMES[category - 1], center, radius, rng.uniform(0, 2 * math.pi)
+        )
+        mask = _rasterize(polygon, size)
+        colour = _shape_colour(rng, image[mask].mean(axis=0) if mask.any() else image.mean((0, 1)))
+        image[mask] = _texture(rng, size, colour)[mask]
+        owner[mask] = i
+        categories.append(category)
+    image += rng.normal(0, rng.uniform(2, 10), size=image.shape)
+    image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+    instances = []
+    semantic = np.full((size, size), BACKGROUND_LABEL, dtype=np.uint8)
+    min_area = _min_area(size)
+    for i, category in enumerate(categories):
+        visible = owner == i
+        if visible.sum() >= min_area:
+            instances.append((category, visible))
+            semantic[visible] = category
+        else:
+            semantic[visible] = IGNORE_LABEL
+    return image, instances, semantic
+
+
+# ----------------------------------------------------------------------------------- writing
+def _annotation(mask: np.ndarray, category: int, image_id: int, ann_id: int) -> Dict:
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category,
+        "bbox": [float(v) for v in mask_util.toBbox(rle)],  # [x, y, w, h]
+        "area": int(mask.sum()),
+        "iscrowd": 0,
+        "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()},
+    }
+
+
+def _write_split(paths: Dict, split: str, count: int, image_size: int, seed: int) -> None:
+    for folder in (paths["image_root"], paths["sem_seg_root"]):
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.png"):
+            stale.unlink()
+    paths["json_file"].parent.mkdir(parents=True, exist_ok=True)
+
+    images, annotations = [], []
+    for index in range(count):
+        image, instances, semantic = render_toy_image(split, index, image_size, seed)
+        file_name = f"{index:06d}.png"
+        Image.fromarray(image).save(paths["image_root"] / file_name)
+        Image.fromarray(semantic).save(paths["sem_seg_root"] / file_name)
+        image_id = index + 1
+        images.append(
+            {"id": image_id, "file_name": file_name, "width": image_size, "height": image_size}
+        )
+        for category, mask in instances:
+            annotations.append(_annotation(mask, category, image_id, len(annotations) + 1))
+
+    coco = {
+        "info": {"description": f"itpn_d2 toy shapes, {split}", "version": str(TOY_VERSION)},
+        "images": images,
+        "annotations": annotations,
+        "categories": [
+            {"id": k + 1, "name": name, "supercategory": "shape"}
+            for k, name in enumerate(CLASS_NAMES)
+        ],
+    }
+    paths["json_file"].write_text(json.dumps(coco))
+
+
+def make_toy_dataset(
+    root: Optional[PathLike] = None,
+    num_train: int = 256,
+    num_val: int = 64,
+    image_size: int = 128,
+    seed: int = 0,
+) -> Dict:
+    """Write the toy dataset under ``root`` unless an identical one is already there.
+
+    Args:
+        root: output folder; ``None`` means :func:`default_toy_root`.
+        num_train: number of training images.
+        num_val: number of validation images.
+        image_size: image side in pixels, a multiple of 32.
+        seed: seed of every random choice.
+
+    Returns:
+        :func:`toy_paths` of ``root``.
+    """
+    if image_size < 32 or image_size % 32:
+        raise ValueError(f"image_size must be a positive multiple of 32, got {image_size}")
+    if num_train < 1 or num_val < 1:
+        raise ValueError(f"need at least one image per split, got {num_train=} {num_val=}")
+    paths = toy_paths(root if root is not None else default_toy_root())
+    settings = _settings(num_train, num_val, image_size, seed)
+    if _is_complete(paths, settings):
+        return paths
+
+    paths["root"].mkdir(parents=True, exist_ok=True)
+    paths["meta"].unlink(missing_ok=True)  # an interrupted run must not look complete
+    for split, count in (("train", num_train), ("val", num_val)):
+        _write_split(paths[split], split, count, image_size, seed)
+    meta = {
+        **settings,
+        "classes": toy_class_names(),
+        "background_label": BACKGROUND_LABEL,
+        "ignore_label": IGNORE_LABEL,
+    }
+    paths["meta"].write_text(json.dumps(meta, indent=2) + "\n")
+    return paths
+
+
+def _is_complete(paths: Dict, settings: Dict) -> bool:
+    if not paths["meta"].is_file():
+        return False
+    meta = json.loads(paths["meta"].read_text())
+    if any(meta.get(key) != value for key, value in settings.items()):
+        return False
+    return all(paths[split]["json_file"].is_file() for split in SPLITS)
+
+
+# ------------------------------------------------------------------------------ detectron2
+def _unregister(name: str) -> None:
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+    if name in MetadataCatalog.list():
+        MetadataCatalog.remove(name)
+
+
+def register_toy_datasets(root: Optional[PathLike] = None) -> List[str]:
+    """Register the toy dataset under ``root`` with Detectron2; return the dataset names.
+
+    ``itpn_toy_{train,val}`` are COCO instance datasets (evaluator "coco"),
+    ``itpn_toy_sem_seg_{train,val}`` semantic segmentation ones (evaluator "sem_seg",
+    ``stuff_classes`` = background + shapes, ``ignore_label`` = 255). Registering again
+    replaces the earlier registration.
+
+    Raises:
+        FileNotFoundError: the dataset has not been made under ``root``.
+    """
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import load_sem_seg, register_coco_instances
+
+    paths = toy_paths(root if root is not None else default_toy_root())
+    required = [paths["meta"]] + [p for s in SPLITS for p in paths[s].values()]
+    for path in required:
+        if not path.exists():
+            raise FileNotFoundError(
+                f"toy dataset file {path} is missing; make the dataset with "
+                f"`{MAKE_COMMAND} {paths['root']}`"
+            )
+
+    names = []
+    for split in SPLITS:
+        split_paths = {key: str(path) for key, path in paths[split].items()}
+        instances_name, sem_seg_name = f"itpn_toy_{split}", f"itpn_toy_sem_seg_{split}"
+        _unregister(instances_name)
+        _unregister(sem_seg_name)
+
+        register_coco_instances(
+            instances_name,
+            {"thing_classes": toy_class_names()},
+            split_paths["json_file"],
+            split_paths["image_root"],
+        )
+        DatasetCatalog.register(
+            sem_seg_name,
+            partial(
+                load_sem_seg,
+                split_paths["sem_seg_root"],
+                split_paths["image_root"],
+                gt_ext="png",
+                image_ext="png",
+            ),
+        )
+        MetadataCatalog.get(sem_seg_name).set(
+            stuff_classes=["background", *CLASS_NAMES],
+            ignore_label=IGNORE_LABEL,
+            evaluator_type="sem_seg",
+            image_root=split_paths["image_root"],
+            sem_seg_root=split_paths["sem_seg_root"],
+        )
+        names += [instances_name, sem_seg_name]
+    return names

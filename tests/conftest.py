@@ -1,0 +1,13 @@
+"""Shared fixtures."""
+
+import pytest
+
+from itpn_d2.data.toy import make_toy_dataset
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory):
+    """A small toy dataset (16 train / 8 val images, 128 px), made once per session."""
+    root = tmp_path_factory.mktemp("itpn_toy")
+    make_toy_dataset(root, num_train=16, num_val=8, image_size=128, seed=0)
+    return root
