@@ -10,7 +10,6 @@ import argparse
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -105,10 +104,12 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
         with torch.serialization.safe_globals(_safe_globals()):
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint ({e})") from None
         raise CheckpointError(
             f"{path} holds objects this loader will not unpickle (only tensors, plain "
             f"containers, argparse.Namespace and numpy scalars are allowed): {e}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except Exception as e:  # torch raises many types for a file that is not a checkpoint
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")

@@ -77,7 +77,8 @@ class HiViT(nn.Module):
         self.use_checkpoint = use_checkpoint
         self.rpe = rpe
 
-        dpr = torch.linspace(0, drop_path_rate, 2 * mlp_depth + depth).tolist()
+        n_blocks = 2 * mlp_depth + depth
+        dpr = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
         c4, c8, c16 = self.dims
         self.patch_embed = PatchEmbed(in_chans, c4, PATCH_SIZE)
         self.stage4 = nn.ModuleList(

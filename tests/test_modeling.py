@@ -1,0 +1,174 @@
+"""HiViT backbone + integral pyramid: shapes, masked path, gradients, errors, parameter counts."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from itpn_d2.modeling import ARCHS, build_itpn, map_to_tokens, tokens_to_map
+from itpn_d2.modeling.layers import (Attention, relative_position_index, resize_pos_embed,
+                                     sincos_pos_embed_2d)
+
+
+@pytest.fixture(scope="module")
+def nano():
+    torch.manual_seed(0)
+    return build_itpn("itpn_nano", img_size=64).eval()
+
+
+@pytest.mark.parametrize("size", [(64, 64), (96, 128), (128, 48)])
+def test_pyramid_shapes_any_multiple_of_16(nano, size):
+    H, W = size
+    with torch.no_grad():
+        levels = nano.forward_pyramid(torch.randn(2, 3, H, W))
+    assert [tuple(t.shape) for t in levels] == [(2, 64, H // s, W // s) for s in (4, 8, 16)]
+
+
+def test_backbone_stage_shapes(nano):
+    with torch.no_grad():
+        feats = nano.backbone(torch.randn(1, 3, 48, 80))
+    assert feats.grid == (3, 5)
+    assert tuple(feats.s4.shape) == (1, 15, 4, 4, 32)
+    assert tuple(feats.s8.shape) == (1, 15, 2, 2, 64)
+    assert tuple(feats.s16.shape) == (1, 15, 128)
+    assert nano.backbone.dims == (32, 64, 128)
+
+
+def test_token_layout_round_trip():
+    x = torch.randn(2, 7, 12, 20)
+    t = map_to_tokens(x, 4)
+    assert t.shape == (2, 15, 4, 4, 7)
+    assert torch.equal(tokens_to_map(t, (3, 5)), x)
+
+
+def test_masked_mlp_stages_equal_unmasked(nano):
+    """The early stages are per token: dropping tokens must not change the kept ones."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 96)
+    ids_keep = torch.stack([torch.randperm(24)[:7] for _ in range(2)])
+    with torch.no_grad():
+        full = nano.backbone(x)
+        masked = nano.backbone(x, ids_keep)
+    for a, b in ((full.s4, masked.s4), (full.s8, masked.s8)):
+        idx = ids_keep.reshape(2, 7, *([1] * (a.dim() - 2))).expand(-1, -1, *a.shape[2:])
+        torch.testing.assert_close(torch.gather(a, 1, idx), b, rtol=0, atol=1e-6)
+    assert masked.s16.shape == (2, 7, 128)
+
+
+def test_masked_pyramid_layout_and_all_tokens_equal_full(nano):
+    x = torch.randn(1, 3, 64, 64)
+    ids_all = torch.arange(16)[None]
+    with torch.no_grad():
+        full = nano.forward_pyramid(x)
+        masked = nano.forward_pyramid(x, ids_keep=ids_all)
+    assert [tuple(t.shape) for t in masked] == [(1, 16, h, h, 64) for h in (4, 2, 1)]
+    for f, m in zip(full, masked):
+        torch.testing.assert_close(tokens_to_map(m, (4, 4)), f, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    model = build_itpn("itpn_nano", img_size=64, rpe=True, layer_scale_init=0.1)
+    levels = model.forward_pyramid(torch.randn(2, 3, 64, 64))
+    sum(level.square().mean() for level in levels).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert no_grad == []
+
+
+def test_rpe_and_pos_embed_resize_to_other_grid():
+    model = build_itpn("itpn_nano", img_size=64, rpe=True).eval()
+    assert model.backbone.blocks[0].attn.rel_pos_table.shape == (7 * 7, 4)
+    with torch.no_grad():
+        levels = model.forward_pyramid(torch.randn(1, 3, 96, 160))
+    assert levels[2].shape == (1, 64, 6, 10)
+    assert all(torch.isfinite(t).all() for t in levels)
+
+
+def test_resize_pos_embed_identity_and_shape():
+    pos = sincos_pos_embed_2d(32, (4, 4))[None]
+    assert resize_pos_embed(pos, (4, 4), (4, 4)) is pos
+    assert resize_pos_embed(pos, (4, 4), (6, 3)).shape == (1, 18, 32)
+
+
+def test_relative_position_index_matches_offsets():
+    idx = relative_position_index((2, 3))
+    # token 0 = (0,0), token 5 = (1,2): offset (-1,-2) -> (dy+1)*(2*3-1) + (dx+2) = 0
+    assert idx[0, 5] == 0 and idx[5, 0] == (2 * 5 + 4)
+    assert idx.diagonal().unique().tolist() == [1 * 5 + 2]
+
+
+def test_attention_uses_sdpa_and_matches_explicit_softmax(monkeypatch):
+    torch.manual_seed(0)
+    attn = Attention(32, 4, rel_pos_grid=(2, 2)).eval()
+    x = torch.randn(2, 4, 32)
+    bias = attn.relative_bias(relative_position_index((2, 2)), (2, 2))
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = attn(x, bias)
+    assert calls == [1]
+    q, k, v = attn.qkv(x).reshape(2, 4, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    ref = ((q @ k.transpose(-1, -2)) / 8 ** 0.5 + bias).softmax(-1) @ v
+    torch.testing.assert_close(out, attn.proj(ref.transpose(1, 2).reshape(2, 4, 32)))
+
+
+def test_bad_image_size_raises(nano):
+    with pytest.raises(ValueError, match="not a multiple of 16"):
+        nano.forward_pyramid(torch.randn(1, 3, 64, 70))
+
+
+def test_unknown_override_and_name_raise():
+    with pytest.raises(TypeError, match="unknown arguments.*fpn_layers"):
+        build_itpn("itpn_nano", fpn_layers=3)
+    with pytest.raises(KeyError, match="itpn_huge"):
+        build_itpn("itpn_huge")
+
+
+def test_backbone_only_model_has_no_pyramid():
+    model = build_itpn("itpn_nano", pyramid=False)
+    assert model.pyramid is None and not any(k.startswith("pyramid") for k in model.state_dict())
+    with pytest.raises(RuntimeError, match="pyramid=False"):
+        model.forward_pyramid(torch.randn(1, 3, 32, 32))
+
+
+def test_itpn_base_parameter_count_matches_published():
+    from fvcore.nn import parameter_count
+
+    with torch.device("meta"):
+        counts = parameter_count(build_itpn("itpn_base"))
+    assert round(counts[""] / 1e6, 2) == 82.60
+    assert round(counts["backbone"] / 1e6, 2) == 77.90
+
+
+def test_arch_table_builders():
+    import itpn_d2.modeling as m
+
+    for name, arch in ARCHS.items():
+        with torch.device("meta"):
+            model = getattr(m, name)()
+        assert model.model_name == name
+        assert len(model.backbone.blocks) == arch["depth"]
+        assert model.backbone.embed_dim == arch["embed_dim"]
+
+
+def test_layer_ids():
+    model = build_itpn("itpn_nano")  # mlp_depth 1, depth 4 -> 1 + 1 + 1 + 1 + 1 + 4 layers
+    n = model.backbone.num_layers
+    assert n == 9
+    assert model.layer_id("backbone.patch_embed.proj.weight") == 0
+    assert model.layer_id("backbone.stage4.0.mlp.fc1.weight") == 1
+    assert model.layer_id("backbone.merge4to8.proj.weight") == 2
+    assert model.layer_id("backbone.stage8.0.norm.weight") == 3
+    assert model.layer_id("backbone.merge8to16.norm.bias") == 4
+    assert model.layer_id("backbone.pos_embed") == 5
+    assert model.layer_id("backbone.blocks.0.attn.qkv.weight") == 5
+    assert model.layer_id("backbone.blocks.3.mlp.fc2.bias") == 8
+    assert model.layer_id("pyramid.out4.mlp.fc1.weight") == n
+
+
+def test_import_does_not_import_detectron2():
+    code = ("import sys, itpn_d2, itpn_d2.modeling, itpn_d2.checkpoint, itpn_d2.convert; "
+            "assert 'detectron2' not in sys.modules, 'detectron2 imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
