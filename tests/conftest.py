@@ -1,8 +1,22 @@
-"""Shared fixtures."""
+"""Shared fixtures and the opt-in ``slow`` marker (``pytest --runslow``)."""
 
 import pytest
 
 from itpn_d2.data.toy import make_toy_dataset
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
