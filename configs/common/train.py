@@ -1,0 +1,18 @@
+"""Training loop settings read by tools/lazyconfig_train_net.py."""
+
+train = dict(
+    output_dir="./output",
+    init_checkpoint="",  # pretrain/main.py checkpoint, export, or published iTPN checkpoint
+    max_iter=90000,
+    # Mixed precision on CUDA only; precision "auto" picks bfloat16 where supported.
+    amp=dict(enabled=True, precision="auto"),
+    ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
+    checkpointer=dict(period=5000, max_to_keep=100),
+    eval_period=5000,
+    log_period=20,
+    device="cuda",
+    # Input format / pixel statistics vs. the checkpoint's pretraining metadata:
+    # "error", "warn" or "ignore".
+    check_inputs="error",
+    seed=-1,
+)

@@ -1,0 +1,60 @@
+"""The one set of overrides that turns a COCO detection recipe into its CPU / toy-data variant.
+
+Only model size, head channels, dataset names, input sizes and schedule change; everything
+else (heads, losses, optimizer, augmentation policy) is the full recipe's.
+"""
+
+import detectron2.data.transforms as T
+from detectron2.config import LazyCall as L
+
+from itpn_d2.d2.data import RandomChoice
+
+from ..common.schedule import step_schedule
+
+TOY_SCALES = (96, 112, 128)  # the toy images are 128 x 128
+
+
+def toy_detection(model, dataloader, train, model_name="itpn_nano", fpn_dim=64, conv_dim=64,
+                  fc_dim=256, max_iter=300):
+    """Shrink ``model``/``dataloader``/``train`` in place; return the toy ``lr_multiplier``."""
+    model.backbone.net.name = model_name  # itpn_nano: fpn_dim 64
+    model.proposal_generator.head.in_channels = fpn_dim
+    heads = model.roi_heads
+    box_heads = heads.box_heads if "box_heads" in heads else [heads.box_head]
+    predictors = heads.box_predictors if "box_predictors" in heads else [heads.box_predictor]
+    for head in box_heads:
+        head.input_shape.channels = fpn_dim
+        head.conv_dims = [conv_dim] * 4
+        head.fc_dims = [fc_dim]
+    for predictor in predictors:
+        predictor.input_shape.channels = fc_dim
+    heads.mask_head.input_shape.channels = fpn_dim
+    heads.mask_head.conv_dims = [conv_dim] * 5
+    heads.num_classes = 5
+    heads.batch_size_per_image = 64  # toy images hold at most 5 objects: sample fewer RoIs
+
+    dataloader.train.dataset.names = "itpn_toy_train"
+    dataloader.test.dataset.names = "itpn_toy_val"
+    dataloader.train.mapper.instance_mask_format = "bitmask"  # toy masks are RLE
+    dataloader.train.mapper.augmentations = [
+        L(T.RandomFlip)(horizontal=True),
+        L(RandomChoice)(choices=[
+            [L(T.ResizeShortestEdge)(short_edge_length=TOY_SCALES, max_size=213,
+                                     sample_style="choice")],
+            [L(T.ResizeShortestEdge)(short_edge_length=(80, 96, 112), max_size=213,
+                                     sample_style="choice"),
+             L(T.RandomCrop)(crop_type="absolute_range", crop_size=(64, 96)),
+             L(T.ResizeShortestEdge)(short_edge_length=TOY_SCALES, max_size=213,
+                                     sample_style="choice")],
+        ]),
+    ]
+    dataloader.test.mapper.augmentations = [
+        L(T.ResizeShortestEdge)(short_edge_length=128, max_size=213)]
+    dataloader.train.total_batch_size = 4
+    dataloader.train.num_workers = dataloader.test.num_workers = 0
+
+    train.output_dir = "./output/toy"
+    train.max_iter = max_iter
+    train.eval_period = train.checkpointer.period = max_iter // 2
+    train.log_period = 10
+    return step_schedule(max_iter, warmup_iters=max_iter // 10)

@@ -1,0 +1,159 @@
+"""Detectron2 backbone: the shared iTPN model, with its pre-trained pyramid as the neck.
+
+The wrapper only adapts: the pyramid levels at strides 4, 8 and 16 *are* the pre-trained
+integral pyramid (no lateral or output convolutions are added), and the two coarser levels
+used by RPN are parameter-free 2x average poolings of the level above, as in the published
+detector. Every neck weight therefore comes from pre-training; only the task heads start random.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+
+from ..modeling import ITPN, build_itpn, tokens_to_map
+from ..modeling.hivit import PATCH_SIZE
+
+# Pyramid outputs (fpn_dim channels each) and backbone stages (for necks that want them too,
+# e.g. UPerNet's "pyramid level concatenated with the backbone stage of the same stride").
+PYRAMID_STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
+STAGE_STRIDES = {"c2": 4, "c3": 8, "c4": 16}
+DEFAULT_OUT_FEATURES = ("p2", "p3", "p4", "p5", "p6")
+
+
+class ITPNBackbone(Backbone):
+    """HiViT + integral pyramid as a Detectron2 backbone with outputs ``p2`` ... ``p6``.
+
+    Args:
+        net: an :class:`~itpn_d2.modeling.ITPN` built with its pyramid, e.g.
+            ``L(build_itpn)(name="itpn_base", drop_path_rate=0.05)``. Held as ``self.net``, so
+            detector parameter names are ``backbone.net.<name in the ITPN state dict>``.
+        out_features: names to return, any of ``p2``-``p6`` (pyramid levels at strides 4-64,
+            ``fpn_dim`` channels; ``p5``/``p6`` are 2x average poolings of ``p4``/``p5``) and
+            ``c2``-``c4`` (backbone stages at strides 4, 8, 16 with ``net.backbone.dims``
+            channels).
+        size_divisibility: Detectron2 pads every batch to a multiple of this. The network needs
+            16 (its token size); 32 (the published detection setting) keeps ``p5`` exact.
+        square_pad: if > 0, pad every batch to this square size instead (e.g. 1024 for
+            large-scale jitter); images larger than it are an error.
+    """
+
+    def __init__(self, net: ITPN, out_features: Sequence[str] = DEFAULT_OUT_FEATURES,
+                 size_divisibility: int = 32, square_pad: int = 0):
+        super().__init__()
+        if not isinstance(net, ITPN):
+            raise TypeError(f"net must be an itpn_d2.modeling.ITPN, got {type(net).__name__}")
+        out_features = list(out_features)
+        unknown = [f for f in out_features if f not in PYRAMID_STRIDES and f not in STAGE_STRIDES]
+        if unknown or not out_features:
+            raise ValueError(f"out_features {out_features} invalid; choose from "
+                             f"{list(PYRAMID_STRIDES) + list(STAGE_STRIDES)}")
+        if net.pyramid is None and any(f in PYRAMID_STRIDES for f in out_features):
+            raise ValueError("net was built with pyramid=False but out_features asks for "
+                             "pyramid levels (p2-p6); build it with pyramid=True")
+        if size_divisibility % PATCH_SIZE:
+            raise ValueError(f"size_divisibility must be a multiple of {PATCH_SIZE} (the token "
+                             f"size), got {size_divisibility}")
+        if square_pad % max(size_divisibility, PATCH_SIZE):
+            raise ValueError(f"square_pad {square_pad} is not a multiple of size_divisibility "
+                             f"{size_divisibility}")
+        self.net = net
+        self._size_divisibility = size_divisibility
+        self._square_pad = square_pad
+        self._out_features = out_features
+        self._out_feature_strides = {f: {**PYRAMID_STRIDES, **STAGE_STRIDES}[f]
+                                     for f in out_features}
+        stage_channels = dict(zip(STAGE_STRIDES, net.backbone.dims))
+        self._out_feature_channels = {f: stage_channels.get(f, net.fpn_dim) for f in out_features}
+
+    @property
+    def size_divisibility(self) -> int:
+        return self._size_divisibility
+
+    @property
+    def padding_constraints(self) -> Dict[str, int]:
+        return {"size_divisibility": self._size_divisibility, "square_size": self._square_pad}
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``x``: normalised images ``(B, C, H, W)``, H and W multiples of 16 (Detectron2 pads)."""
+        if x.dim() != 4 or x.shape[-2] % PATCH_SIZE or x.shape[-1] % PATCH_SIZE:
+            raise ValueError(
+                f"ITPNBackbone needs (B, C, H, W) input with H and W multiples of {PATCH_SIZE}, "
+                f"got {tuple(x.shape)}; Detectron2 pads to size_divisibility="
+                f"{self._size_divisibility} when the model is called on a list of images")
+        if self._square_pad and max(x.shape[-2:]) > self._square_pad:
+            raise ValueError(f"input {tuple(x.shape[-2:])} is larger than square_pad="
+                             f"{self._square_pad}; resize the images or raise square_pad")
+        if any(f in PYRAMID_STRIDES for f in self._out_features):
+            feats, levels = self.net.forward_features(x)
+            p2, p3, p4 = (tokens_to_map(level, feats.grid) for level in levels)
+            maps = {"p2": p2, "p3": p3, "p4": p4}
+            if "p5" in self._out_features or "p6" in self._out_features:
+                maps["p5"] = F.avg_pool2d(p4, kernel_size=2, stride=2)
+                maps["p6"] = F.avg_pool2d(maps["p5"], kernel_size=2, stride=2)
+        else:
+            feats = self.net.backbone(x)
+            maps = {}
+        for name, stage in zip(STAGE_STRIDES, (feats.s4, feats.s8, feats.s16)):
+            if name in self._out_features:
+                maps[name] = tokens_to_map(stage, feats.grid)
+        return {f: maps[f] for f in self._out_features}
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return {f: ShapeSpec(channels=self._out_feature_channels[f],
+                             stride=self._out_feature_strides[f]) for f in self._out_features}
+
+
+# --------------------------------------------------------------------------- yacs configs
+
+
+def add_itpn_config(cfg) -> None:
+    """Add ``MODEL.ITPN.*`` to a yacs config (``None`` = the named architecture's default).
+
+    ``NAME``: ``itpn_nano`` ... ``itpn_large``; ``IMG_SIZE``, ``RPE``, ``ABS_POS_EMBED``,
+    ``LAYER_SCALE_INIT``, ``FPN_DEPTH``, ``FPN_DIM``: architecture overrides of
+    :func:`~itpn_d2.modeling.build_itpn` (they must match the checkpoint); ``DROP_PATH_RATE``,
+    ``USE_CHECKPOINT``: training settings; ``OUT_FEATURES``, ``SIZE_DIVISIBILITY``,
+    ``SQUARE_PAD``: see :class:`ITPNBackbone`.
+    """
+    from detectron2.config import CfgNode as CN
+
+    cfg.MODEL.ITPN = CN()
+    cfg.MODEL.ITPN.NAME = "itpn_base"
+    cfg.MODEL.ITPN.IMG_SIZE = None
+    cfg.MODEL.ITPN.RPE = None
+    cfg.MODEL.ITPN.ABS_POS_EMBED = None
+    cfg.MODEL.ITPN.LAYER_SCALE_INIT = None
+    cfg.MODEL.ITPN.FPN_DEPTH = None
+    cfg.MODEL.ITPN.FPN_DIM = None
+    cfg.MODEL.ITPN.DROP_PATH_RATE = 0.0
+    cfg.MODEL.ITPN.USE_CHECKPOINT = False
+    cfg.MODEL.ITPN.OUT_FEATURES = list(DEFAULT_OUT_FEATURES)
+    cfg.MODEL.ITPN.SIZE_DIVISIBILITY = 32
+    cfg.MODEL.ITPN.SQUARE_PAD = 0
+
+
+_YACS_OVERRIDES = {"IMG_SIZE": "img_size", "RPE": "rpe", "ABS_POS_EMBED": "abs_pos_embed",
+                   "LAYER_SCALE_INIT": "layer_scale_init", "FPN_DEPTH": "fpn_depth",
+                   "FPN_DIM": "fpn_dim"}
+
+
+@BACKBONE_REGISTRY.register()
+def build_itpn_backbone(cfg, input_shape: Optional[ShapeSpec] = None) -> ITPNBackbone:
+    """``MODEL.BACKBONE.NAME = "build_itpn_backbone"``; settings under ``MODEL.ITPN`` (see
+    :func:`add_itpn_config`)."""
+    if "ITPN" not in cfg.MODEL:
+        raise KeyError("cfg.MODEL.ITPN is missing; call itpn_d2.d2.add_itpn_config(cfg) first")
+    c = cfg.MODEL.ITPN
+    overrides = {arg: c[key] for key, arg in _YACS_OVERRIDES.items() if c[key] is not None}
+    if input_shape is not None and input_shape.channels not in (None, 3):
+        overrides["in_chans"] = input_shape.channels
+    net = build_itpn(c.NAME, drop_path_rate=c.DROP_PATH_RATE, use_checkpoint=c.USE_CHECKPOINT,
+                     **overrides)
+    return ITPNBackbone(net, out_features=c.OUT_FEATURES, size_divisibility=c.SIZE_DIVISIBILITY,
+                        square_pad=c.SQUARE_PAD)

@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Draw a detector's predictions on a few images with Detectron2's Visualizer (PNG files).
+
+    python tools/visualize_predictions.py --config-file configs/toy/mask_rcnn_itpn_nano.py \
+        --checkpoint output/toy/model_final.pth --num-images 4 --output vis/
+    python tools/visualize_predictions.py --config-file ... --checkpoint ... --input a.jpg b.jpg
+
+Without ``--input`` the first ``--num-images`` images of the config's test dataset are drawn.
+Trailing ``key=value`` arguments override the config, as in the train tool.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+import detectron2.data.transforms as T  # noqa: E402
+from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.data.detection_utils import convert_image_to_rgb, read_image  # noqa: E402
+from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from itpn_d2.d2 import ITPNCheckpointer  # noqa: E402
+from itpn_d2.d2.data import prepare_datasets  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", required=True)
+    p.add_argument("--checkpoint", default=None,
+                   help="weights to load (default: the config's train.init_checkpoint)")
+    p.add_argument("--input", nargs="*", default=None, help="image files (default: test dataset)")
+    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--output", default="visualizations", help="output folder")
+    p.add_argument("--score-threshold", type=float, default=0.5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
+    return p.parse_args(argv)
+
+
+def image_paths(cfg, args):
+    if args.input:
+        missing = [p for p in args.input if not Path(p).is_file()]
+        if missing:
+            raise FileNotFoundError(f"input images not found: {', '.join(missing)}")
+        return list(args.input), None
+    names = prepare_datasets(cfg, splits=("test",))
+    dicts = DatasetCatalog.get(names[0])[:args.num_images]
+    return [d["file_name"] for d in dicts], names[0]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    paths, dataset = image_paths(cfg, args)
+    metadata = MetadataCatalog.get(dataset) if dataset else MetadataCatalog.get("coco_2017_val")
+
+    model = instantiate(cfg.model).to(args.device).eval()
+    ITPNCheckpointer(model).load(args.checkpoint if args.checkpoint is not None
+                                 else cfg.train.init_checkpoint)
+    augs = T.AugmentationList([instantiate(a) for a in cfg.dataloader.test.mapper.augmentations])
+    fmt = model.input_format
+
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        image = read_image(path, format=fmt)  # HWC uint8 in the model's channel order
+        aug_input = T.AugInput(image)
+        augs(aug_input)
+        tensor = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
+        with torch.no_grad():
+            out = model([{"image": tensor.to(args.device), "height": image.shape[0],
+                          "width": image.shape[1]}])[0]
+        instances = out["instances"].to("cpu")
+        instances = instances[instances.scores >= args.score_threshold]
+        vis = Visualizer(convert_image_to_rgb(image, fmt), metadata, instance_mode=ColorMode.IMAGE)
+        drawn = vis.draw_instance_predictions(instances).get_image()
+        dst = out_dir / (Path(path).stem + ".png")
+        Image.fromarray(drawn).save(dst)
+        print(f"{dst}: {len(instances)} detections >= {args.score_threshold}")
+
+
+if __name__ == "__main__":
+    main()
