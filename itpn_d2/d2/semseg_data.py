@@ -1,0 +1,154 @@
+"""Data for semantic segmentation: checked label reading, a validating mapper, augmentations.
+
+Labels are single-channel PNGs (``L``/``P``/``I`` modes) holding class ids ``0..K-1`` and the
+ignore value (255). Everything that reads them goes through :func:`read_label_png`, which
+works under numpy 2 and names the file in every error; :func:`check_label` checks values.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import List, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+import detectron2.data.transforms as T
+from detectron2.config import configurable
+from detectron2.data import DatasetMapper
+from detectron2.data import detection_utils as utils
+from detectron2.utils.file_io import PathManager
+
+__all__ = ["LabelError", "SemSegDatasetMapper", "check_label", "read_label_png",
+           "semseg_train_augmentations"]
+
+
+class LabelError(ValueError):
+    """A semantic segmentation label file that does not fit its image or the classes."""
+
+
+def read_label_png(path: str, dtype=np.uint8) -> np.ndarray:
+    """Read a label image as a 2-D integer array (numpy 2 safe: no ``copy=False``).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        LabelError: the file is not a single-channel image.
+    """
+    if not PathManager.exists(path):
+        raise FileNotFoundError(f"semantic segmentation label file {path} does not exist")
+    with PathManager.open(path, "rb") as f:
+        image = Image.open(f)
+        image.load()
+    if image.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+        raise LabelError(f"label file {path} has image mode {image.mode!r}; labels must be "
+                         f"single-channel (L, P or I) PNGs of class ids")
+    label = np.asarray(image)
+    return label.astype(dtype) if dtype is not None else label
+
+
+def check_label(label: np.ndarray, num_classes: int, ignore_value: int, path: str) -> None:
+    """Raise :class:`LabelError` naming ``path`` if ``label`` holds values other than
+    ``0..num_classes-1`` and ``ignore_value``."""
+    bad = (label >= num_classes) & (label != ignore_value) | (label < 0)
+    if bad.any():
+        values = np.unique(label[bad])
+        shown = ", ".join(str(v) for v in values[:10]) + (" ..." if len(values) > 10 else "")
+        raise LabelError(
+            f"label file {path} has values {shown} outside the classes 0..{num_classes - 1} "
+            f"and the ignore value {ignore_value} (raw ADE20K annotations must be converted with "
+            f"tools/prepare_ade20k.py)")
+
+
+class SemSegDatasetMapper(DatasetMapper):
+    """Detectron2's ``DatasetMapper`` for semantic segmentation, with input checks.
+
+    Reads the image (``image_format``) and, in training, its label (:func:`read_label_png`),
+    checks that both exist, that their sizes match and that the labels are valid class ids,
+    then applies the augmentations to both. Test-time outputs carry no label (evaluators read
+    the label files themselves).
+
+    Args:
+        is_train: training (read + check labels) or inference.
+        augmentations: Detectron2 augmentations (see :func:`semseg_train_augmentations`).
+        image_format: image channel order (``"RGB"`` for iTPN).
+        num_classes: number of classes (labels must be below it, or ``ignore_value``).
+        ignore_value: label value ignored by the loss.
+    """
+
+    @configurable
+    def __init__(self, is_train: bool, *, augmentations: List, image_format: str,
+                 num_classes: int, ignore_value: int = 255):
+        super().__init__(is_train, augmentations=augmentations, image_format=image_format)
+        self.num_classes = num_classes
+        self.ignore_value = ignore_value
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        ret = super().from_config(cfg, is_train)
+        return {"is_train": is_train, "augmentations": ret["augmentations"],
+                "image_format": ret["image_format"],
+                "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+                "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE}
+
+    def __call__(self, dataset_dict: dict) -> dict:
+        dataset_dict = copy.deepcopy(dataset_dict)
+        image_path = dataset_dict["file_name"]
+        if not PathManager.exists(image_path):
+            raise FileNotFoundError(f"image file {image_path} does not exist")
+        image = utils.read_image(image_path, format=self.image_format)
+        utils.check_image_size(dataset_dict, image)
+
+        label_path = dataset_dict.pop("sem_seg_file_name", None)
+        label = None
+        if self.is_train:
+            if label_path is None:
+                raise KeyError(f"dataset record of {image_path} has no 'sem_seg_file_name'; "
+                               f"is this a semantic segmentation dataset?")
+            label = read_label_png(label_path)
+            if label.shape != image.shape[:2]:
+                raise LabelError(f"label file {label_path} is {label.shape[1]}x{label.shape[0]} "
+                                 f"but its image {image_path} is {image.shape[1]}x"
+                                 f"{image.shape[0]} (width x height)")
+            check_label(label, self.num_classes, self.ignore_value, label_path)
+
+        aug_input = T.AugInput(image, sem_seg=label)
+        self.augmentations(aug_input)
+        image = aug_input.image
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if label is not None:
+            dataset_dict["sem_seg"] = torch.as_tensor(aug_input.sem_seg.astype("long"))
+        dataset_dict.pop("annotations", None)
+        return dataset_dict
+
+
+def semseg_train_augmentations(crop_size: int = 512, short_edge: int = 512,
+                               scale_range: Tuple[float, float] = (0.5, 2.0),
+                               max_long_edge: int = 2048, cat_max_ratio: float = 0.75,
+                               ignore_value: int = 255, flip: bool = True,
+                               color_jitter: bool = True) -> List[T.Augmentation]:
+    """The mmsegmentation ADE20K training pipeline, in Detectron2 augmentations.
+
+    Resize the shorter side to ``short_edge * s`` (``s`` uniform in ``scale_range``; longer side
+    at most ``max_long_edge * max(scale_range)``), crop ``crop_size`` (retried up to 10 times
+    so that no class but ``ignore_value`` covers more than ``cat_max_ratio``; images smaller
+    than the crop are padded with the ignore label by the model's batching), flip horizontally,
+    and jitter brightness, contrast and saturation (Detectron2's versions of the photometric
+    distortion; mmsegmentation's hue jitter needs OpenCV and is left out).
+    """
+    lo, hi = (int(round(short_edge * s)) for s in scale_range)
+    augs: List[T.Augmentation] = [
+        T.ResizeShortestEdge((lo, hi), max_size=int(max_long_edge * max(scale_range)),
+                             sample_style="range"),
+        T.RandomCrop_CategoryAreaConstraint("absolute", (crop_size, crop_size),
+                                            single_category_max_area=cat_max_ratio,
+                                            ignored_category=ignore_value),
+    ]
+    if flip:
+        augs.append(T.RandomFlip(horizontal=True))
+    if color_jitter:
+        augs += [T.RandomApply(T.RandomBrightness(0.875, 1.125), prob=0.5),
+                 T.RandomApply(T.RandomContrast(0.5, 1.5), prob=0.5),
+                 T.RandomApply(T.RandomSaturation(0.5, 1.5), prob=0.5)]
+    return augs
+
