@@ -41,6 +41,7 @@ setup(
         "yacs",
         "black",
         "setuptools<81",  # detectron2.model_zoo imports pkg_resources
+        "opencv-python-headless",  # detectron2.utils.visualizer imports cv2
     ],
     extras_require={"dev": ["pytest"]},
 )
