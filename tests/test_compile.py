@@ -41,3 +41,14 @@ def test_itpn_training_forward_has_no_graph_breaks():
     model = build_itpn("itpn_nano", img_size=64, rpe=True, drop_path_rate=0.1,
                        use_checkpoint=True).train()
     assert_one_graph(explain(model.forward_pyramid, torch.randn(2, 3, 96, 96)))
+
+
+def test_pretraining_forward_has_no_graph_breaks():
+    # MIM decoder + MFM heads + EMA teacher (no_grad, full image) in one graph.
+    from pretrain.models import build_pretrain_model, random_masking
+
+    args = dict(model="itpn_nano", input_size=64, rpe=False, pyramid="on", fpn_depth=2,
+                mfm="ema")
+    model = build_pretrain_model(args).train()
+    masks = random_masking(2, 16, 0.75, torch.Generator().manual_seed(0))
+    assert_one_graph(explain(model, torch.randn(2, 3, 64, 64), masks))

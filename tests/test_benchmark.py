@@ -1,0 +1,90 @@
+"""tools/benchmark.py on the CPU with tiny settings: every subcommand runs and reports its fields."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "benchmark.py"
+TOY_CONFIG = "configs/toy/mask_rcnn_itpn_nano.py"
+FIELDS = ("img_s", "step_ms", "peak_mem_gib", "device", "torch", "batch_size", "input_size",
+          "amp", "compile", "model", "mem_kind")
+TINY = ["--device", "cpu", "--batch-size", "1", "--input-size", "64", "--steps", "1",
+        "--warmup", "0"]
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("itpn_benchmark_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_tool()
+
+
+def check_row(row, bench_name, name, batch=1, size=64):
+    for key in FIELDS:
+        assert key in row, key
+    assert row["bench"] == bench_name and row["name"] == name
+    assert row["device"] == "cpu" and row["amp"] == "off" and row["compile"] is False
+    assert (row["batch_size"], row["input_size"]) == (batch, size)
+    assert row["step_ms"] > 0 and row["peak_mem_gib"] > 0
+    assert row["img_s"] == pytest.approx(batch / (row["step_ms"] / 1e3), rel=1e-3)
+    assert row["torch"].split("+")[0].count(".") == 2
+
+
+def test_pretrain_cli_json_lines():
+    # The command line of the issue, with smaller settings: one JSON object per configuration.
+    cmd = [sys.executable, str(TOOL), "pretrain", "--model", "itpn_nano", "--device", "cpu",
+           "--batch-size", "2", "--input-size", "64", "--steps", "1", "--warmup", "0", "--json"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["name"] for r in rows] == ["mim", "mim+mfm(ema)", "mim+mfm(clip)"]
+    for row in rows:
+        check_row(row, "pretrain", row["name"], batch=2)
+        assert row["model"] == "itpn_nano" and row["mask_ratio"] == 0.75
+    assert rows[0]["params_m"] < rows[1]["params_m"]  # + MFM heads
+    assert rows[1]["vs_mim"] > 0 and rows[2]["clip_teacher"] == "tiny"
+
+
+def test_infer_pyramid_and_detector(bench, capsys):
+    rows = bench.main(["infer", "--config", TOY_CONFIG, *TINY])
+    assert [r["name"] for r in rows] == ["backbone+pyramid", "detector"]
+    for row in rows:
+        check_row(row, "infer", row["name"])
+        assert row["model"] == "itpn_nano"  # from the config
+    assert rows[1]["config"] == TOY_CONFIG
+    table = capsys.readouterr().out
+    assert "img_s" in table and "peak_mem_gib" in table and "backbone+pyramid" in table
+
+
+def test_d2_training_iteration_against_vitdet(bench):
+    rows = bench.main(["d2", "--config", TOY_CONFIG, "--vitdet", "--instances", "2", *TINY])
+    assert [r["name"] for r in rows] == ["train:itpn", "train:vitdet_b"]
+    for row in rows:
+        check_row(row, "d2", row["name"])
+    assert rows[0]["model"] == "itpn_nano" and rows[1]["model"] == "vitdet_b"
+    assert rows[1]["params_m"] > 80  # ViT-B backbone
+    assert rows[0]["ratio_to_vitdet_b"] == pytest.approx(
+        rows[0]["step_ms"] / rows[1]["step_ms"], rel=1e-2)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["infer", "--model", "itpn_nano", "--input-size", "100", "--device", "cpu"],
+     "multiple of 32"),
+    (["infer", "--model", "itpn_nano", "--device", "tpu"], "unsupported device"),
+    (["d2", "--config", "configs/toy/missing.py", "--device", "cpu"], "config file not found"),
+])
+def test_bad_settings_give_one_error(bench, capsys, argv, message):
+    assert bench.cli(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err
