@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -108,19 +109,25 @@ def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
     return TF.pil_to_tensor(img)  # [3, H, W] uint8
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
-              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+@functools.lru_cache(maxsize=8)
+def _stats(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean / std ``(1, 3, 1, 1)`` on ``device``, copied there once (no per-step
+    host-to-device copy, which would synchronise a CUDA stream)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(device)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).to(device)
+    return mean, std
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 ``(B, 3, H, W)`` -> float, ImageNet-normalised (on whatever device it is)."""
-    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-    return (images.float() / 255.0 - m) / s
+    mean, std = _stats(images.device)
+    return (images.float() / 255.0 - mean) / std
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`normalize` on the 0-1 scale, clamped."""
-    m = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, -1, 1, 1)
-    s = torch.tensor(IMAGENET_STD, device=images.device).view(1, -1, 1, 1)
-    return (images.float() * s + m).clamp(0, 1)
+    """Inverse of :func:`normalize` on the 0-1 scale (not clamped)."""
+    mean, std = _stats(images.device)
+    return images.float() * std + mean
 
 
 def load_rgb(path: str) -> Image.Image:

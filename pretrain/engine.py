@@ -209,7 +209,7 @@ def check_resume_compatible(ckpt: Dict[str, Any], args: Dict[str, Any], path: Pa
              for k in ARCH_ARGS if old.get(k) != args.get(k)]
     if args["mfm"] == "clip" and old.get("teacher") != args.get("teacher"):
         diffs.append(f"teacher: checkpoint {old.get('teacher')!r} vs now {args.get('teacher')!r}")
-    if tuple(decoder_size(old)) != tuple(decoder_size(args)):
+    if not diffs and tuple(decoder_size(old)) != tuple(decoder_size(args)):
         diffs.append(f"decoder size: checkpoint {tuple(decoder_size(old))} vs now "
                      f"{tuple(decoder_size(args))} (dim, depth, heads, mfm_dim, mfm_heads)")
     if diffs:
@@ -341,6 +341,10 @@ def train(args: Dict[str, Any]) -> TrainResult:
 def _train(args: Dict[str, Any], info: DistInfo, device: torch.device) -> TrainResult:
     args = resolve_args(args, info, device)
     out_dir = Path(args["output_dir"])
+    if device.type == "cuda":  # fixed input size; TF32 for the few fp32 matmuls left by autocast
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     seed = args["seed"] + info.rank
     torch.manual_seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -494,8 +498,10 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device) -> TrainR
         if meter_init is not None and epoch == start_epoch and skip_iters:
             sums += torch.tensor(meter_init["sums"], device=device)
             count, epoch_bad = meter_init["count"], meter_init["bad"]
-        pending: List[torch.Tensor] = []  # per-step [loss, mim, mfm, lr] since the last log
+        # Per-step [loss, mim, mfm] on the device since the last log point (synced there only).
+        pending: List[torch.Tensor] = []
         pending_steps: List[int] = []
+        pending_lrs: List[float] = []
         step_acc = torch.zeros(3, device=device)
         t_log, n_log = time.time(), 0
         t_epoch, n_epoch = time.time(), 0
@@ -540,8 +546,9 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device) -> TrainR
             steps_done_here += 1
             sums += step_acc
             count += 1
-            pending.append(torch.cat([step_acc, step_acc.new_tensor([lr])]))
+            pending.append(step_acc)
             pending_steps.append(step)
+            pending_lrs.append(lr)
             step_acc = torch.zeros(3, device=device)
             n_log += images.shape[0] * accum * info.world_size
             n_epoch += images.shape[0] * accum * info.world_size
@@ -549,18 +556,18 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device) -> TrainR
 
             if len(pending) >= args["log_every"] or stop or i + 1 == steps_per_epoch * accum:
                 values = all_reduce_mean(torch.stack(pending), info).cpu()  # one host sync
-                check_finite(values[:, :3], pending_steps, epoch)
+                check_finite(values, pending_steps, epoch)
                 now = time.time()
                 img_s = n_log / max(now - t_log, 1e-9)
                 eta = (now - t_start) / max(steps_done_here, 1) * (end_step - step)
-                for s, row in zip(pending_steps, values.tolist()):
+                for s, lr_s, row in zip(pending_steps, pending_lrs, values.tolist()):
                     history.append({"step": s, "epoch": epoch, "loss": row[0], "mim": row[1],
-                                    "mfm": row[2], "lr": row[3]})
+                                    "mfm": row[2], "lr": lr_s})
                 last = history[-1]
                 logger.step({"loss": last["loss"], "mim": last["mim"], "mfm": last["mfm"],
                              "lr": last["lr"], "img_per_s": img_s}, step, epoch, eta,
                             len(pending))
-                pending, pending_steps = [], []
+                pending, pending_steps, pending_lrs = [], [], []
                 t_log, n_log = now, 0
             if stop:
                 break

@@ -37,7 +37,6 @@ Teachers (run on the full, unmasked image, without autograd, in eval mode):
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import math
 from pathlib import Path
@@ -50,6 +49,8 @@ import torch.nn.functional as F
 from itpn_d2.modeling import ITPN, HiViT, build_itpn, map_to_tokens
 from itpn_d2.modeling.layers import (AttentionBlock, LayerNorm, gather_tokens, init_weights,
                                      sincos_pos_embed_2d)
+
+from .data import denormalize
 
 PATCH_SIZE = 16
 LEVEL_SUBS = (4, 2, 1)  # sub-grid side of each pyramid level, strides 4, 8, 16
@@ -126,14 +127,21 @@ def random_masking(batch: int, num_tokens: int, mask_ratio: float,
 # --------------------------------------------------------------------------- helpers
 
 
-@functools.lru_cache(maxsize=32)
-def _pos_table(dim: int, grid: Tuple[int, int], device: torch.device) -> torch.Tensor:
-    return sincos_pos_embed_2d(dim, grid).to(device)[None]  # [1, N, dim]
+class SinCosPos(nn.Module):
+    """Fixed 2D sin-cos positions ``(1, N, dim)``: a (non-persistent) buffer for the training
+    grid, computed on the fly for any other grid."""
 
+    def __init__(self, dim: int, grid: Tuple[int, int]):
+        super().__init__()
+        self.dim, self.grid = dim, tuple(grid)
+        self.register_buffer("table", sincos_pos_embed_2d(dim, self.grid)[None], persistent=False)
 
-def pos_embed(dim: int, grid: Tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-    """Fixed sin-cos table ``(1, N, dim)`` for ``grid``, on the device and dtype of ``like``."""
-    return _pos_table(dim, tuple(grid), like.device).to(like.dtype)
+    def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """``x + positions`` for ``x`` ``(B, Gh*Gw, dim)``."""
+        table = self.table
+        if tuple(grid) != self.grid:
+            table = sincos_pos_embed_2d(self.dim, tuple(grid)).to(x.device)[None]
+        return x + table.to(x.dtype)
 
 
 def scatter_visible(x_vis: torch.Tensor, ids_keep: torch.Tensor, mask_token: torch.Tensor,
@@ -205,17 +213,19 @@ class PixelDecoder(nn.Module):
         levels: ``(channels, sub-grid side)`` of each input level, e.g.
             ``[(256, 4), (256, 2), (256, 1)]`` for a pyramid or ``[(512, 1)]`` for the backbone.
         dim, depth, num_heads: decoder width, blocks and attention heads.
+        grid: token grid of training (its position table is precomputed).
         patch_size, in_chans: predicted patch (16x16x3).
         mlp_ratio: MLP ratio of the decoder blocks.
     """
 
     def __init__(self, levels: Sequence[Tuple[int, int]], dim: int = 512, depth: int = 8,
-                 num_heads: int = 16, patch_size: int = PATCH_SIZE, in_chans: int = 3,
-                 mlp_ratio: float = 4.0):
+                 num_heads: int = 16, grid: Tuple[int, int] = (14, 14),
+                 patch_size: int = PATCH_SIZE, in_chans: int = 3, mlp_ratio: float = 4.0):
         super().__init__()
         self.dim = dim
         self.embeds = nn.ModuleList(FoldedEmbed(c, s, dim) for c, s in levels)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = SinCosPos(dim, grid)
         self.blocks = nn.ModuleList(AttentionBlock(dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = LayerNorm(dim)
         self.pred = nn.Linear(dim, patch_size * patch_size * in_chans)
@@ -226,8 +236,7 @@ class PixelDecoder(nn.Module):
                 grid: Tuple[int, int], ids_out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Normalised pixels ``(B, N, 768)``, or ``(B, M, 768)`` at ``ids_out`` only."""
         x = sum(embed(level) for embed, level in zip(self.embeds, levels))  # [B, K, dim]
-        x = scatter_visible(x, ids_keep, self.mask_token, grid[0] * grid[1])
-        x = x + pos_embed(self.dim, grid, x)
+        x = self.pos(scatter_visible(x, ids_keep, self.mask_token, grid[0] * grid[1]), grid)
         for blk in self.blocks:
             x = blk(x)
         if ids_out is not None:
@@ -244,16 +253,18 @@ class FeatureHead(nn.Module):
         dim, num_heads: head width and attention heads.
         target_dim: channels of the teacher's features.
         depth: attention blocks over the token grid.
+        grid: token grid of training (its position table is precomputed).
         mlp_ratio: MLP ratio of the blocks.
     """
 
     def __init__(self, in_dim: int, sub: int, dim: int, num_heads: int, target_dim: int,
-                 depth: int = 1, mlp_ratio: float = 4.0):
+                 depth: int = 1, grid: Tuple[int, int] = (14, 14), mlp_ratio: float = 4.0):
         super().__init__()
         self.dim, self.sub, self.target_dim = dim, sub, target_dim
         self.norm_in = LayerNorm(in_dim)
         self.embed = nn.Linear(in_dim * sub * sub, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = SinCosPos(dim, grid)
         self.blocks = nn.ModuleList(AttentionBlock(dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = LayerNorm(dim)
         self.pred = nn.Linear(dim, sub * sub * target_dim)
@@ -265,8 +276,7 @@ class FeatureHead(nn.Module):
         """``level`` ``(B, K, s, s, C)`` -> predictions ``(B, M, s, s, target_dim)``."""
         B, M = ids_mask.shape
         x = self.embed(self.norm_in(level).flatten(2))  # [B, K, dim]
-        x = scatter_visible(x, ids_keep, self.mask_token, grid[0] * grid[1])
-        x = x + pos_embed(self.dim, grid, x)
+        x = self.pos(scatter_visible(x, ids_keep, self.mask_token, grid[0] * grid[1]), grid)
         for blk in self.blocks:
             x = blk(x)
         x = self.pred(self.norm(gather_tokens(x, ids_mask)))
@@ -414,11 +424,7 @@ class ClipTeacher(nn.Module):
     @torch.no_grad()
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """ImageNet-normalised images -> CLIP patch tokens ``(B, width, Gh, Gw)``."""
-        from .data import IMAGENET_MEAN, IMAGENET_STD
-
-        m = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        s = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        x = images * s + m  # 0-1 RGB
+        x = denormalize(images)  # 0-1 RGB
         if tuple(x.shape[-2:]) != self.image_size:
             x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False,
                               antialias=True)
@@ -475,7 +481,8 @@ class PretrainModel(nn.Module):
             levels = [(encoder.fpn_dim, s) for s in LEVEL_SUBS]
         else:
             levels = [(encoder.backbone.embed_dim, 1)]
-        self.decoder = PixelDecoder(levels, decoder_dim, decoder_depth, decoder_heads)
+        grid = encoder.backbone.pretrain_grid
+        self.decoder = PixelDecoder(levels, decoder_dim, decoder_depth, decoder_heads, grid)
         if teacher is not None and not self.has_pyramid:
             raise ValueError("masked feature modeling supervises pyramid levels; "
                              "a model without pyramid takes no teacher")
@@ -483,7 +490,7 @@ class PretrainModel(nn.Module):
         self.mfm_heads = nn.ModuleList()
         if teacher is not None:
             self.mfm_heads.extend(
-                FeatureHead(encoder.fpn_dim, s, mfm_dim, mfm_heads, t)
+                FeatureHead(encoder.fpn_dim, s, mfm_dim, mfm_heads, t, grid=grid)
                 for s, t in zip(LEVEL_SUBS, teacher.target_dims))
         self.mfm_weight = mfm_weight
         self.mfm_loss = mfm_loss

@@ -38,9 +38,10 @@ def reconstruction_grid(model: PretrainModel, images: torch.Tensor, mask_ratio: 
     std = (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
     m = masks.mask[:, :, None]
     recon = unpatchify(torch.where(m > 0, pred * std + mean, target), grid)
-    masked = denormalize(x) * (1 - unpatchify(m.expand_as(target), grid)) \
-        + 0.5 * unpatchify(m.expand_as(target), grid)
-    tiles = torch.stack([denormalize(x), masked, denormalize(recon)], dim=1)  # [B, 3, 3, H, W]
+    original = denormalize(x).clamp(0, 1)
+    pixel_mask = unpatchify(m.expand_as(target), grid)  # 1 on masked pixels
+    masked = original * (1 - pixel_mask) + 0.5 * pixel_mask
+    tiles = torch.stack([original, masked, denormalize(recon).clamp(0, 1)], dim=1)  # [B,3,3,H,W]
     canvas = torch.ones(3, B * (H + GAP) - GAP, 3 * (W + GAP) - GAP, device=x.device)
     for r in range(B):
         for c in range(3):

@@ -137,6 +137,23 @@ def test_bad_input_errors(images, tmp_path):
     assert proc.stderr.strip().startswith("error: --mfm clip needs --teacher_checkpoint")
 
 
+def test_too_many_unreadable_images_stop_training(tmp_path):
+    make_toy_dataset(tmp_path / "toy", num_train=16, num_val=1, image_size=64)
+    folder = tmp_path / "toy" / "images" / "train"
+    for i in range(2):
+        (folder / f"zz_broken_{i}.png").write_bytes(b"not an image")
+    args = ["--batch_size", "6", "--epochs", "1", "--mfm", "none"]  # 3 batches use all 18
+    with pytest.warns(UserWarning, match="unreadable image"):
+        result = _run(folder, tmp_path / "ok", *args, "--max_bad_fraction", "0.2")
+    assert result.step == 3
+    log = json.loads((tmp_path / "ok" / "log.txt").read_text())
+    # broken_0 is replaced by the next file, broken_1, also unreadable: 3 skips in all
+    assert log["unreadable_images"] == 3
+    with pytest.warns(UserWarning), pytest.raises(DataError, match="unreadable images in epoch 0"):
+        _run(folder, tmp_path / "stop", *args, "--max_bad_fraction", "0.05")
+    assert not (tmp_path / "stop" / "checkpoint-last.pth").exists()
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(images, tmp_path, monkeypatch):
     _run(images, tmp_path, "--epochs", "1", "--mfm", "none")  # 4 steps, saved at the end
     good = (tmp_path / "checkpoint-last.pth").read_bytes()
