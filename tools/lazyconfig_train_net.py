@@ -91,7 +91,9 @@ def do_train(args, cfg):
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
         if comm.is_main_process() else None,
-        hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+        # eval_period > 0: every eval_period iterations and after the last; 0: never.
+        hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model))
+        if cfg.train.eval_period > 0 else None,
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
                              period=cfg.train.log_period)
         if comm.is_main_process() else None,

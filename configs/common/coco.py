@@ -15,7 +15,7 @@ from detectron2.data import (DatasetMapper, build_detection_test_loader,
                              build_detection_train_loader, get_detection_dataset_dicts)
 from detectron2.evaluation import COCOEvaluator
 
-from itpn_d2.d2.data import RandomChoice
+from itpn_d2.d2.data import BitmaskDatasetMapper, RandomChoice
 
 MULTI_SCALE = tuple(range(480, 801, 32))  # 480, 512, ..., 800
 
@@ -23,7 +23,7 @@ dataloader = OmegaConf.create()
 
 dataloader.train = L(build_detection_train_loader)(
     dataset=L(get_detection_dataset_dicts)(names="coco_2017_train"),
-    mapper=L(DatasetMapper)(
+    mapper=L(BitmaskDatasetMapper)(
         is_train=True,
         augmentations=[
             L(T.RandomFlip)(horizontal=True),
@@ -39,7 +39,9 @@ dataloader.train = L(build_detection_train_loader)(
         ],
         image_format="RGB",
         use_instance_mask=True,
-        instance_mask_format="polygon",
+        # Polygons become bitmasks before augmentation, as in the published (mmdetection)
+        # pipeline; cropping pixel masks needs no polygon clipping library.
+        instance_mask_format="bitmask",
         recompute_boxes=True,  # boxes follow the cropped masks
     ),
     total_batch_size=16,

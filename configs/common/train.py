@@ -8,7 +8,7 @@ train = dict(
     amp=dict(enabled=True, precision="auto"),
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
     checkpointer=dict(period=5000, max_to_keep=100),
-    eval_period=5000,
+    eval_period=5000,  # evaluate every N iterations and at the end; 0: not during training
     log_period=20,
     device="cuda",
     # Input format / pixel statistics vs. the checkpoint's pretraining metadata:

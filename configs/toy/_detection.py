@@ -35,7 +35,6 @@ def toy_detection(model, dataloader, train, model_name="itpn_nano", fpn_dim=64, 
 
     dataloader.train.dataset.names = "itpn_toy_train"
     dataloader.test.dataset.names = "itpn_toy_val"
-    dataloader.train.mapper.instance_mask_format = "bitmask"  # toy masks are RLE
     dataloader.train.mapper.augmentations = [
         L(T.RandomFlip)(horizontal=True),
         L(RandomChoice)(choices=[

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -121,6 +122,11 @@ class ITPNCheckpointer(DetectionCheckpointer):
         self.last_report: Optional[Dict[str, Any]] = None
 
     # ------------------------------------------------------------------ reading
+
+    def load(self, path: str, *args, **kwargs) -> Dict[str, Any]:
+        if path and "://" not in path and not os.path.isfile(path.split("?")[0]):
+            raise CheckpointError(f"checkpoint file not found: {path}")
+        return super().load(path, *args, **kwargs)
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         if filename.endswith((".pkl", ".pyth")):  # Detectron2 / pycls model zoo formats
@@ -243,8 +249,8 @@ class ITPNCheckpointer(DetectionCheckpointer):
                 raise CheckpointError(msg + "\n(pass check_inputs='warn' to proceed anyway)")
             logger.warning(msg)
 
-        incompatible = self.model.load_state_dict(sd, strict=False)
-        new = list(incompatible.missing_keys)
+        self.model.load_state_dict(sd, strict=False)
+        new = [k for k in model_sd if k not in sd]
         self.last_report = {
             "kind": info["kind"], "path": path, "loaded": list(sd),
             "skipped": info["skipped"], "new": new, "prefix": prefix,

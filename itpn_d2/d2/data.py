@@ -9,7 +9,7 @@ from typing import Iterable, List, Optional, Sequence, Union
 import numpy as np
 
 import detectron2.data.transforms as T
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 
 
 class RandomChoice(T.Augmentation):
@@ -39,6 +39,25 @@ class RandomChoice(T.Augmentation):
 
     def __repr__(self) -> str:
         return f"RandomChoice({self.choices})"
+
+
+class BitmaskDatasetMapper(DatasetMapper):
+    """``DatasetMapper`` that rasterises polygon masks before augmenting (when
+    ``instance_mask_format="bitmask"``), as the published pipeline does (mmdetection's
+    ``poly2mask``). Augmentations then crop and resize pixel masks, which needs no polygon
+    clipping library. Takes the same arguments as ``DatasetMapper``.
+    """
+
+    def _transform_annotations(self, dataset_dict, transforms, image_shape):
+        if self.use_instance_mask and self.instance_mask_format == "bitmask":
+            import pycocotools.mask as mask_util
+
+            h, w = dataset_dict["height"], dataset_dict["width"]
+            for anno in dataset_dict.get("annotations", []):
+                segm = anno.get("segmentation")
+                if isinstance(segm, list) and segm:  # polygons -> one compressed RLE
+                    anno["segmentation"] = mask_util.merge(mask_util.frPyObjects(segm, h, w))
+        super()._transform_annotations(dataset_dict, transforms, image_shape)
 
 
 class DatasetError(KeyError):
