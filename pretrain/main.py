@@ -25,9 +25,18 @@ from pretrain.engine import TrainingDiverged, TrainResult, train  # noqa: E402
 from pretrain.models import DECODER_SIZES, MFM_LOSSES, MFM_MODES, TeacherError  # noqa: E402
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: ...)`` unless the help text already explains the default."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        "iTPN pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "iTPN pretraining", formatter_class=_HelpFormatter,
         description="Train HiViT + the integral pyramid by masked image modeling (pixels) and "
                     "masked feature modeling (every pyramid level predicts teacher features).")
     g = p.add_argument_group("model")
@@ -71,24 +80,27 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="open_clip model name of the CLIP teacher (--mfm clip)")
     g.add_argument("--teacher_checkpoint", default=None,
                    help="local file with the CLIP teacher's weights (whole CLIP model or its "
-                        "image tower); required by --mfm clip, never downloaded")
+                        "image tower); required by --mfm clip, never downloaded (default: none)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=64,
                    help="images per process per iteration; effective batch = batch_size x "
                         "accum_iter x world size")
     g.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation iterations")
-    g.add_argument("--epochs", type=int, default=1600)
+    g.add_argument("--epochs", type=int, default=1600,
+                   help="training epochs (sets the LR and EMA schedules)")
     g.add_argument("--warmup_epochs", type=float, default=40, help="linear warm-up (epochs)")
     g.add_argument("--blr", type=float, default=1.5e-4,
                    help="base learning rate: lr = blr x effective batch / 256")
-    g.add_argument("--lr", type=float, default=None, help="absolute learning rate (overrides --blr)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="absolute learning rate (default: derived from --blr)")
     g.add_argument("--min_lr", type=float, default=0.0, help="end of the cosine schedule")
     g.add_argument("--weight_decay", type=float, default=0.05,
                    help="AdamW weight decay (not on norms, biases, positions, layer scale)")
     g.add_argument("--opt_betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("B1", "B2"),
                    help="AdamW betas")
-    g.add_argument("--clip_grad", type=float, default=None, help="max gradient norm (off if unset)")
+    g.add_argument("--clip_grad", type=float, default=None,
+                   help="max gradient norm (default: no clipping)")
     g.add_argument("--amp", choices=("bf16", "fp16", "off"), default=None,
                    help="autocast precision (default: bf16 on GPU, off on CPU); fp16 uses a "
                         "gradient scaler")
@@ -110,9 +122,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default="output/pretrain",
                    help="checkpoints, log.txt, reconstruction grids")
     g.add_argument("--log_dir", default=None, help="TensorBoard folder parent (default: output_dir)")
-    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--resume", default=None, help="checkpoint to continue from")
+    g.add_argument("--device", default=None,
+                   help="cuda or cpu (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of initialisation, data order, augmentation and masking "
+                        "(rank r uses seed + r for its own random streams)")
+    g.add_argument("--resume", default=None,
+                   help="checkpoint to continue from (default: none, or see --auto_resume)")
     g.add_argument("--auto_resume", action="store_true",
                    help="continue from output_dir/checkpoint-last.pth if it exists")
     g.add_argument("--save_every", type=int, default=1,
@@ -124,7 +140,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--vis_images", type=int, default=8,
                    help="images in the reconstruction grid written each epoch (0: none)")
     g.add_argument("--max_steps", type=int, default=None,
-                   help="stop after this many optimizer steps in all (saves a checkpoint)")
+                   help="stop after this many optimizer steps in all, counted from the start of "
+                        "training, and save a checkpoint (default: run all epochs)")
     return p
 
 
