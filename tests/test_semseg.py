@@ -186,6 +186,8 @@ def test_yacs_config_builds_the_segmentor():
     with torch.no_grad():
         out = model([{"image": torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8)}])
     assert out[0]["sem_seg"].shape == (6, 64, 96)
+    mapper = SemSegDatasetMapper(cfg, is_train=True)
+    assert (mapper.num_classes, mapper.ignore_value, mapper.image_format) == (6, 255, "RGB")
 
 
 # ---------------------------------------------------------------------------- recipes
@@ -251,6 +253,28 @@ def test_full_recipe_instantiates_with_published_settings():
     assert sched(0.0) == pytest.approx(1e-6)
     assert sched(1500 / 160000) == pytest.approx(1 - 1500 / 160000, rel=1e-3)
     assert sched(0.5) == pytest.approx(0.5)
+
+
+def test_pretrained_backbone_and_pyramid_load_verbatim_only_heads_new(tmp_path):
+    from itpn_d2.checkpoint import model_metadata, save_checkpoint
+    from itpn_d2.d2 import ITPNCheckpointer
+
+    torch.manual_seed(1)
+    net = build_itpn("itpn_nano")
+    with torch.no_grad():
+        for t in net.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(torch.randn_like(t))
+    save_checkpoint({"model": net.state_dict(), **model_metadata("itpn_nano", {}),
+                     "decoder": {"w": torch.zeros(2)}}, tmp_path / "pretrain.pth")
+    model = _segmentor()
+    checkpointer = ITPNCheckpointer(model)
+    checkpointer.load(str(tmp_path / "pretrain.pth"))
+    sd = model.state_dict()
+    for k, v in net.state_dict().items():
+        assert torch.equal(sd["backbone.net." + k], v), k
+    new = checkpointer.last_report["new"]
+    assert new and all(k.startswith(("sem_seg_head.", "auxiliary_head.")) for k in new)
 
 
 # ------------------------------------------------------------------------- evaluation

@@ -400,17 +400,17 @@ class EncoderDecoderSegmentor(SemanticSegmentor):
         self._check_heads(seg_feature_shapes(backbone.output_shape(), concat_stages))
 
     def _check_heads(self, shapes: Mapping[str, ShapeSpec]) -> None:
+        """Fail at construction, not in the first forward, when a head's ``input_shape`` does
+        not describe the features it will get."""
+        available = {k: (v.channels, v.stride) for k, v in shapes.items()}
+        source = "the backbone" + (" with concat_stages" if self.concat_stages else "")
         for attr in ("sem_seg_head", "auxiliary_head"):
-            head = getattr(self, attr)
-            for name, want in getattr(head, "input_shape", {}).items():
-                have = shapes.get(name)
-                if have is None or (have.channels, have.stride) != (want.channels, want.stride):
+            for name, want in getattr(getattr(self, attr), "input_shape", {}).items():
+                if available.get(name) != (want.channels, want.stride):
                     raise ValueError(
                         f"{attr} expects feature {name!r} with {want.channels} channels at "
-                        f"stride {want.stride}, but the backbone"
-                        f"{' (with concat_stages)' if self.concat_stages else ''} gives "
-                        f"{'nothing' if have is None else f'{have.channels} at stride {have.stride}'}"
-                        f"; available: { {k: (v.channels, v.stride) for k, v in shapes.items()} }")
+                        f"stride {want.stride}, but {source} gives (channels, stride) "
+                        f"{available.get(name)}; available: {available}")
 
     @classmethod
     def from_config(cls, cfg):
