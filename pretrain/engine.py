@@ -400,8 +400,9 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device) -> TrainR
             states = ckpt.get("rng") or []
             if len(states) == info.world_size:
                 rng_restore = states[info.rank]
-        notes = sorted(k for k in old if k not in ARCH_ARGS + LAYOUT_ARGS and k in args
-                       and old[k] != args[k] and k not in ("resume", "auto_resume", "max_steps"))
+        now = _plain(args)
+        notes = sorted(k for k in old if k not in ARCH_ARGS + LAYOUT_ARGS and k in now
+                       and old[k] != now[k] and k not in ("resume", "auto_resume", "max_steps"))
         if info.is_main:
             print(f"resuming from {resume_path}: epoch {start_epoch}, step {step}"
                   + (f"; settings now different: {', '.join(notes)}" if notes else ""))
@@ -442,7 +443,7 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device) -> TrainR
     num_tokens = grid[0] * grid[1]
     accum = args["accum_iter"]
     max_bad = args.get("max_bad_fraction", 0.01) * sampler.num_samples
-    last_ckpt: Optional[Path] = out_dir / LAST if (out_dir / LAST).is_file() else None
+    last_ckpt: Optional[Path] = resume_path  # the last good checkpoint of this run
 
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
@@ -475,7 +476,7 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device) -> TrainR
         if bool(bad.any()):
             first = steps[int(bad.nonzero()[0, 0])]
             kept = (f"the last good checkpoint {last_ckpt} was kept" if last_ckpt is not None
-                    else "no checkpoint had been written yet")
+                    else "no checkpoint of this run had been written yet")
             raise TrainingDiverged(
                 f"non-finite loss at step {first} (epoch {epoch}); stopping ({kept}). "
                 f"Try a lower --blr, --clip_grad, or --amp bf16 instead of fp16.")
