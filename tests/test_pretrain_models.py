@@ -190,3 +190,29 @@ def test_clip_teacher_errors(tiny_clip, tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(TeacherError, match="cannot read"):
         ClipTeacher(TINY_CLIP, str(junk))
+
+
+def test_lr_schedule_warmup_then_cosine():
+    from pretrain.engine import lr_at
+
+    lrs = [lr_at(s, 1.0, 0.1, 4, 20) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # cosine decay
+    assert lr_at(20, 1.0, 0.1, 4, 20) == pytest.approx(0.1)
+
+
+def test_weight_decay_groups():
+    from pretrain.engine import param_groups
+
+    model = build_pretrain_model(_args(rpe=True, layer_scale_init=0.1))
+    decay, no_decay = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    d = {names[id(p)] for p in decay["params"]}
+    assert "encoder.backbone.pos_embed" in nd and "decoder.mask_token" in nd
+    assert any("rel_pos_table" in n for n in nd) and any(n.endswith(".gamma") for n in nd)
+    assert all(not n.endswith(".bias") and "norm" not in n for n in d)
+    assert "encoder.backbone.blocks.0.attn.qkv.weight" in d
+    assert not any(n.startswith("teacher.") for n in nd | d)  # the EMA teacher is not trained
