@@ -113,6 +113,33 @@ def test_yacs_registration():
         build_backbone(cfg2)
 
 
+def test_yacs_mask_rcnn_without_fpn():
+    """A yacs Mask R-CNN whose RPN/ROI heads read p2-p6 straight from the backbone."""
+    from detectron2.modeling import build_model
+
+    cfg = get_cfg()
+    add_itpn_config(cfg)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.BACKBONE.NAME = "build_itpn_backbone"
+    cfg.MODEL.ITPN.NAME = "itpn_nano"
+    cfg.MODEL.MASK_ON = True
+    cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+    cfg.INPUT.FORMAT = "RGB"
+    cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
+    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 1
+    cfg.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 100
+    cfg.TEST.DETECTIONS_PER_IMAGE = 10
+    model = build_model(cfg).eval()
+    assert isinstance(model.backbone, ITPNBackbone)
+    with torch.no_grad():
+        out = model([{"image": torch.rand(3, 80, 100) * 255}])[0]["instances"]
+    assert out.image_size == (80, 100)
+
+
 # --------------------------------------------------------------------------- LR decay
 
 

@@ -166,6 +166,14 @@ def test_visualize_predictions(trained, toy_root, tmp_path, monkeypatch):
     from PIL import Image
 
     assert Image.open(pngs[0]).size == (128, 128)
+    # Own images (class names from the config's test dataset).
+    visualize_predictions.main(["--config-file", str(ROOT / TOY), "--checkpoint",
+                                str(trained["out"] / "model_final.pth"), "--input", str(pngs[0]),
+                                "--output", str(tmp_path / "vis2")])
+    assert len(list((tmp_path / "vis2").glob("*.png"))) == 1
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        visualize_predictions.main(["--config-file", str(ROOT / TOY), "--input",
+                                    str(tmp_path / "nope.png")])
 
 
 def test_analyze_model_counts_attention():

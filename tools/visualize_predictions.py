@@ -26,7 +26,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from itpn_d2.d2 import ITPNCheckpointer  # noqa: E402
-from itpn_d2.d2.data import prepare_datasets  # noqa: E402
+from itpn_d2.d2.data import config_dataset_names, prepare_datasets  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -43,22 +43,27 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def image_paths(cfg, args):
+def images_and_metadata(cfg, args):
+    """Image paths to draw and the metadata (class names) of the config's test dataset."""
+    names = config_dataset_names(cfg, splits=("test",))
+    if not names:
+        raise ValueError("the config has no dataloader.test.dataset.names (class names)")
     if args.input:
         missing = [p for p in args.input if not Path(p).is_file()]
         if missing:
             raise FileNotFoundError(f"input images not found: {', '.join(missing)}")
-        return list(args.input), None
-    names = prepare_datasets(cfg, splits=("test",))
+        if names[0].startswith("itpn_toy"):
+            prepare_datasets(cfg, splits=("test",))
+        return list(args.input), MetadataCatalog.get(names[0])
+    prepare_datasets(cfg, splits=("test",))
     dicts = DatasetCatalog.get(names[0])[:args.num_images]
-    return [d["file_name"] for d in dicts], names[0]
+    return [d["file_name"] for d in dicts], MetadataCatalog.get(names[0])
 
 
 def main(argv=None):
     args = parse_args(argv)
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
-    paths, dataset = image_paths(cfg, args)
-    metadata = MetadataCatalog.get(dataset) if dataset else MetadataCatalog.get("coco_2017_val")
+    paths, metadata = images_and_metadata(cfg, args)
 
     model = instantiate(cfg.model).to(args.device).eval()
     ITPNCheckpointer(model).load(args.checkpoint if args.checkpoint is not None

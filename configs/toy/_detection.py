@@ -1,7 +1,8 @@
 """The one set of overrides that turns a COCO detection recipe into its CPU / toy-data variant.
 
-Only model size, head channels, dataset names, input sizes and schedule change; everything
-else (heads, losses, optimizer, augmentation policy) is the full recipe's.
+Only model size, head channels, dataset names, input sizes and schedule change (with, for
+the CPU, the RoIs sampled per image, the batch size and the loader workers); everything else
+(head layout, losses, optimizer, augmentation policy) is the full recipe's.
 """
 
 import detectron2.data.transforms as T
