@@ -40,6 +40,19 @@ def pretrain_checkpoint(tmp, toy_root):
     return path
 
 
+def import_tool(name):
+    """Import ``tools/<name>.py`` as a module without putting tools/ on sys.path."""
+    import importlib.util
+
+    key = f"_itpn_tools_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, ROOT / "tools" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[key] = module
+    return sys.modules[key]
+
+
 def run_tool(args, toy_root, timeout=600):
     env = {**os.environ, "ITPN_TOY_ROOT": str(toy_root), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-W", "ignore", "tools/lazyconfig_train_net.py",
@@ -100,8 +113,7 @@ def test_pretrain_main_checkpoint_loads_verbatim(trained):
 
 def tool_main(argv):
     """Run the train tool in this process (cheaper than a subprocess)."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    import lazyconfig_train_net as tool
+    tool = import_tool("lazyconfig_train_net")
     from detectron2.engine import default_argument_parser
 
     return tool.main(default_argument_parser().parse_args(argv))
@@ -154,8 +166,7 @@ def test_train_tool_bad_inputs(toy_root, tmp_path, monkeypatch):
 
 
 def test_visualize_predictions(trained, toy_root, tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT / "tools"))
-    import visualize_predictions
+    visualize_predictions = import_tool("visualize_predictions")
 
     monkeypatch.setenv("ITPN_TOY_ROOT", str(toy_root))
     visualize_predictions.main(["--config-file", str(ROOT / TOY), "--checkpoint",
@@ -177,8 +188,7 @@ def test_visualize_predictions(trained, toy_root, tmp_path, monkeypatch):
 
 
 def test_analyze_model_counts_attention():
-    sys.path.insert(0, str(ROOT / "tools"))
-    import analyze_model
+    analyze_model = import_tool("analyze_model")
 
     cfg = LazyConfig.load(str(ROOT / TOY))
     params, backbone_flops, flops, table = analyze_model.analyze(cfg, 64, 64)
