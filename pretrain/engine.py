@@ -42,7 +42,7 @@ from itpn_d2.checkpoint import (CheckpointError, _plain, check_state_dict, load_
 
 from .data import DataError, ResumableSampler, build_dataset, normalize
 from .models import (EMATeacher, PretrainModel, build_pretrain_model, decoder_size,
-                     ema_momentum, encoder_overrides, random_masking)
+                     ema_momentum, random_masking)
 from .visualize import reconstruction_grid, save_image
 
 LAST = "checkpoint-last.pth"
@@ -245,7 +245,8 @@ class Logger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(Path(args.get("log_dir") or self.out) / "tensorboard"))
+            tb_dir = Path(args.get("log_dir") or self.out) / "tensorboard"
+            self.tb = SummaryWriter(log_dir=str(tb_dir))
         except ImportError:
             print("tensorboard is not installed: no TensorBoard scalars", file=sys.stderr)
         self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,

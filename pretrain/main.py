@@ -127,7 +127,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", default="output/pretrain",
                    help="checkpoints, log.txt, reconstruction grids")
-    g.add_argument("--log_dir", default=None, help="TensorBoard folder parent (default: output_dir)")
+    g.add_argument("--log_dir", default=None,
+                   help="TensorBoard folder parent (default: output_dir)")
     g.add_argument("--device", default=None,
                    help="cuda or cpu (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
     g.add_argument("--seed", type=int, default=0,

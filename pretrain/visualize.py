@@ -45,7 +45,8 @@ def reconstruction_grid(model: PretrainModel, images: torch.Tensor, mask_ratio: 
     canvas = torch.ones(3, B * (H + GAP) - GAP, 3 * (W + GAP) - GAP, device=x.device)
     for r in range(B):
         for c in range(3):
-            canvas[:, r * (H + GAP): r * (H + GAP) + H, c * (W + GAP): c * (W + GAP) + W] = tiles[r, c]
+            top, left = r * (H + GAP), c * (W + GAP)
+            canvas[:, top:top + H, left:left + W] = tiles[r, c]
     return (canvas.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
 
 
