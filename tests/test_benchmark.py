@@ -36,7 +36,8 @@ def check_row(row, bench_name, name, batch=1, size=64):
     assert row["bench"] == bench_name and row["name"] == name
     assert row["device"] == "cpu" and row["amp"] == "off" and row["compile"] is False
     assert (row["batch_size"], row["input_size"]) == (batch, size)
-    assert row["step_ms"] > 0 and row["peak_mem_gib"] > 0
+    assert row["step_ms"] > 0 and row["peak_mem_gib"] > 0 and row["cpu_ms"] > 0
+    assert row["mem_kind"] in ("cpu_peak_rss", "cpu_max_rss")
     assert row["img_s"] == pytest.approx(batch / (row["step_ms"] / 1e3), rel=1e-3)
     assert row["torch"].split("+")[0].count(".") == 2
 

@@ -26,6 +26,11 @@ Subcommands (each configuration is one row of the table, or one JSON line with `
 Timing: ``--warmup`` untimed steps (they include ``torch.compile``), then ``--steps`` timed
 steps, each ended by a device synchronisation. ``step_ms`` is the mean timed step, ``img_s``
 = batch / mean step. Inputs are synthetic and already on the device: data loading is not timed.
+On CUDA, one more (untimed) step runs under ``torch.cuda.set_sync_debug_mode("warn")``:
+``host_syncs_per_step`` counts the synchronising calls and ``host_sync_sites`` names their
+lines. On the CPU, ``cpu_ms`` is the process CPU time (all threads) per timed step and
+``loadavg_1m`` the load when the row was measured: on a shared machine ``step_ms`` grows with
+the load, ``cpu_ms`` much less (``--threads 1`` gives the cost per core).
 
 Peak memory (``peak_mem_gib``, how it was measured in ``mem_kind``):
 
@@ -192,17 +197,23 @@ def measure(step: Callable[[], Any], device: torch.device, steps: int, warmup: i
     mem = PeakMemory(device)
     mem.reset()
     times = []
+    cpu0 = time.process_time()
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
         sync(device)
         times.append(time.perf_counter() - t0)
+    cpu_s = time.process_time() - cpu0
     mean = sum(times) / len(times)
     out = {"step_ms": mean * 1e3, "step_ms_min": min(times) * 1e3,
            "step_ms_median": statistics.median(times) * 1e3,
            "peak_mem_gib": mem.peak_gib(), "mem_kind": mem.kind}
     if device.type == "cuda":
         out["extra"] = count_host_syncs(step, device)
+    else:
+        # CPU seconds of all threads per step: unlike step_ms, barely affected by other
+        # processes on a shared machine (a single-thread run gives the cost per core).
+        out["extra"] = {"cpu_ms": cpu_s / steps * 1e3}
     return out
 
 
@@ -459,7 +470,12 @@ def bench_infer(args, device: torch.device) -> List[Result]:
 
     PeakMemory(device).reset()
     base_rss = _rss_gib()
-    net = build_itpn(name).to(device).eval()
+    if cfg is not None:  # the detector's backbone settings (rpe, fpn_depth, ...)
+        from detectron2.config import instantiate
+
+        net = instantiate(cfg.model.backbone.net).to(device).eval()
+    else:
+        net = build_itpn(name).to(device).eval()
     fwd = torch.compile(net.forward_pyramid) if args.compile else net.forward_pyramid
     images = torch.randn(B, 3, S, S, generator=g).to(device)
 
@@ -474,8 +490,11 @@ def bench_infer(args, device: torch.device) -> List[Result]:
     if cfg is None:
         return results
 
-    from detectron2.config import instantiate
-
+    # Random heads score below the default threshold; keep every detection (100 per image)
+    # so that the box and mask heads do the work of a trained detector.
+    heads = cfg.model.roi_heads
+    for predictor in heads.get("box_predictors", None) or [heads.box_predictor]:
+        predictor.test_score_thresh = 0.0
     PeakMemory(device).reset()
     base_rss = _rss_gib()
     model = instantiate(cfg.model).to(device).eval()
