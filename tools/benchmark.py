@@ -66,8 +66,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
-if __name__ == "__main__" and str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # run as a script: pretrain/ and configs/ live in the repo root
+if __name__ == "__main__":
+    # As pretrain/main.py: OpenMP threads sleep instead of spinning while they wait, which keeps
+    # CPU runs fast when other processes share the cores. Set before torch loads OpenMP; an
+    # explicit OMP_WAIT_POLICY in the environment wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # pretrain/ and configs/ live in the repository root
 
 import torch  # noqa: E402
 
@@ -222,6 +227,7 @@ def host_info(device: torch.device) -> Dict[str, Any]:
     if device.type == "cpu":
         # Benchmarks on a shared CPU are only as good as its load: record it.
         info["loadavg_1m"] = round(os.getloadavg()[0], 2)
+        info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "default")
     return info
 
 
