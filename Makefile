@@ -1,4 +1,4 @@
-# Quick start: `make demo` (toy data + a short run) and `make test`.
+# Quick start: `make demo` (end-to-end demo on toy data) and `make test`.
 # Both install what they need into .venv once; later runs reuse it.
 PYTHON ?= python3
 VENV := .venv
@@ -19,13 +19,10 @@ $(STAMP): setup.py tools/install_detectron2.py
 	$(VENV_PY) tools/install_detectron2.py
 	touch $@
 
+# The end-to-end demo (tools/demo.py): ~15 minutes on 2 CPU cores, output/demo/REPORT.md.
+# A second run reuses finished stages; `make demo DEMO_ARGS=--force` redoes them.
 demo: venv
-	$(VENV_PY) tools/make_toy_dataset.py
-	if [ -f pretrain/main.py ]; then \
-		$(VENV_PY) pretrain/main.py --model itpn_nano --max_steps 5; \
-	else \
-		$(VENV_PY) tools/make_toy_dataset.py --check; \
-	fi
+	$(VENV_PY) tools/demo.py $(DEMO_ARGS)
 
 test: venv
 	$(VENV_PY) -m pytest -q tests

@@ -1,0 +1,389 @@
+"""Shared machinery of ``tools/demo.py`` and ``tools/transfer_study.py``: cached stages that run
+this project's command-line tools as subprocesses, with a progress bar each.
+
+A stage is one command (pretraining, a Detectron2 fine-tune, an evaluation...) writing into its
+own folder. When it succeeds, ``stage.json`` in that folder records the stage's settings and the
+numbers it produced; a later run with the same settings reuses the folder instead of running
+the command again (``force=True`` redoes it). A stage whose settings changed, or that was
+interrupted, starts from an empty folder.
+
+The full output of every command goes to ``<log_dir>/<stage>.log``; the console shows one
+progress bar per stage, driven by the lines the tools print (pretraining steps, Detectron2
+iterations, evaluated images).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+RECORD = "stage.json"
+RECORD_VERSION = 1
+
+# ---------------------------------------------------------------------- output parsing
+# Lines printed by pretrain/main.py when its stderr is not a terminal (one per --log_every).
+PRETRAIN_TOTAL = re.compile(r"steps/epoch, (\d+) steps;")
+PRETRAIN_STEP = re.compile(r"^epoch (\d+) step (\d+): loss ([-\d.naninf]+)")
+# Detectron2's CommonMetricPrinter and inference_on_dataset.
+D2_ITER = re.compile(r"\biter: (\d+)\s+total_loss: ([-\d.naninf]+)")
+D2_INFERENCE = re.compile(r"Inference done (\d+)/(\d+)")
+D2_COPYPASTE = re.compile(r"copypaste: (.*)$")
+
+
+class StageError(RuntimeError):
+    """A stage's command failed; the message names the stage, the command and its log."""
+
+
+def parse_copypaste(text: str) -> Dict[str, Dict[str, float]]:
+    """Metrics from Detectron2's ``print_csv_format`` lines (``copypaste: Task: bbox`` etc.).
+
+    Returns ``{task: {metric: value}}`` with the values of the LAST evaluation in ``text``
+    (AP on Detectron2's 0-100 scale; NaN where COCO could not compute a metric).
+    """
+    lines = [m.group(1).strip() for m in map(D2_COPYPASTE.search, text.splitlines()) if m]
+    results: Dict[str, Dict[str, float]] = {}
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("Task: ") and i + 2 < len(lines):
+            task = lines[i][len("Task: "):]
+            keys, values = lines[i + 1].split(","), lines[i + 2].split(",")
+            if len(keys) == len(values):
+                results[task] = {k: float(v) for k, v in zip(keys, values)}
+                i += 3
+                continue
+        i += 1
+    return results
+
+
+# ------------------------------------------------------------------------- progress
+@dataclass
+class Progress:
+    """How a stage's output lines move its progress bar.
+
+    Args:
+        total: bar length (steps, iterations or images); a ``total_pattern`` may replace it.
+        unit: bar unit shown by tqdm.
+        total_pattern: regex whose first group, when a line matches, becomes the total.
+        step_pattern: regex of a progress line: group ``step_group`` is the position reached
+            (plus ``offset``), group ``loss_group`` (if set) a loss shown beside the bar.
+        offset: added to the position (Detectron2 prints 0-based iteration numbers).
+        eval_pattern: regex ``(done)/(total)`` of an evaluation, shown beside the bar.
+    """
+
+    total: Optional[int] = None
+    unit: str = "it"
+    total_pattern: Optional[re.Pattern] = None
+    step_pattern: Optional[re.Pattern] = None
+    step_group: int = 1
+    loss_group: Optional[int] = None
+    offset: int = 0
+    eval_pattern: Optional[re.Pattern] = D2_INFERENCE
+
+    def feed(self, line: str, bar: tqdm) -> None:
+        if self.total_pattern is not None:
+            m = self.total_pattern.search(line)
+            if m:
+                bar.total = int(m.group(1))
+                bar.refresh()
+        if self.step_pattern is not None:
+            m = self.step_pattern.search(line)
+            if m:
+                pos = int(m.group(self.step_group)) + self.offset
+                bar.update(max(pos - bar.n, 0))
+                if self.loss_group is not None:
+                    bar.set_postfix_str(f"loss {m.group(self.loss_group)}")
+        if self.eval_pattern is not None:
+            m = self.eval_pattern.search(line)
+            if m:
+                if self.step_pattern is None:  # an evaluation-only stage: the bar is the images
+                    bar.total = int(m.group(2))
+                    bar.update(max(int(m.group(1)) - bar.n, 0))
+                else:
+                    bar.set_postfix_str(f"evaluating {m.group(1)}/{m.group(2)} images")
+
+
+def pretrain_progress(total: Optional[int] = None) -> Progress:
+    return Progress(total=total, unit="step", total_pattern=PRETRAIN_TOTAL,
+                    step_pattern=PRETRAIN_STEP, step_group=2, loss_group=3, eval_pattern=None)
+
+
+def d2_train_progress(max_iter: int) -> Progress:
+    return Progress(total=max_iter, unit="it", step_pattern=D2_ITER, loss_group=2, offset=1)
+
+
+def d2_eval_progress(num_images: Optional[int] = None) -> Progress:
+    return Progress(total=num_images, unit="img")
+
+
+# --------------------------------------------------------------------------- stages
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+@dataclass
+class Stage:
+    """One cached unit of work.
+
+    Args:
+        name: short identifier (log file name, record key).
+        title: what the console shows.
+        out_dir: the folder the stage owns (emptied before it runs).
+        settings: everything that determines the stage's outputs, including the records of
+            the stages it reads from; JSON-serialisable.
+        outputs: files (relative to ``out_dir``) that must exist for the stage to be reused.
+    """
+
+    name: str
+    title: str
+    out_dir: Path
+    settings: Dict
+    outputs: Sequence[str] = ()
+    results: Dict = field(default_factory=dict)
+    wall_s: float = 0.0
+    reused: bool = False
+
+    @property
+    def record_path(self) -> Path:
+        return self.out_dir / RECORD
+
+    def reusable(self) -> bool:
+        """True when a finished run with the same settings left its record and outputs."""
+        if not self.record_path.is_file():
+            return False
+        try:
+            record = json.loads(self.record_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        if record.get("version") != RECORD_VERSION:
+            return False
+        if record.get("settings") != _jsonable(self.settings):
+            return False
+        if not all((self.out_dir / o).exists() for o in self.outputs):
+            return False
+        self.results = record.get("results", {})
+        self.wall_s = record.get("wall_s", 0.0)
+        return True
+
+    def save(self) -> None:
+        record = {"version": RECORD_VERSION, "stage": self.name, "settings": self.settings,
+                  "results": self.results, "wall_s": round(self.wall_s, 1),
+                  "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        tmp = self.record_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(_jsonable(record), indent=2) + "\n")
+        os.replace(tmp, self.record_path)
+
+    def fingerprint(self) -> Dict:
+        """What downstream stages put in their settings: this stage's settings."""
+        return {"stage": self.name, "settings": _jsonable(self.settings)}
+
+
+class Runner:
+    """Runs stages in order: reuse or (re)run, log, time, report.
+
+    Args:
+        log_dir: where ``<stage>.log`` files go.
+        env: extra environment variables of every command.
+        force: redo every stage even if its record matches.
+        dry_run: print the commands instead of running them (stages then have no results).
+        progress: show progress bars (else one line per stage).
+        stream: where stage summaries are printed.
+        total_stages: shown as ``[i/total]`` (``None``: ``[i]``).
+    """
+
+    def __init__(self, log_dir: Path, env: Optional[Dict[str, str]] = None, force: bool = False,
+                 dry_run: bool = False, progress: bool = True, stream=None,
+                 total_stages: Optional[int] = None):
+        self.log_dir = Path(log_dir)
+        self.env = dict(env or {})
+        self.force = force
+        self.dry_run = dry_run
+        self.progress = progress
+        self.stream = stream or sys.stdout
+        self.total_stages = total_stages
+        self.stages: List[Stage] = []
+        self.commands: List[List[str]] = []
+
+    def say(self, msg: str) -> None:
+        tqdm.write(msg, file=self.stream)
+        self.stream.flush()
+
+    def run(self, stage: Stage, work: Callable[[Stage], Dict]) -> Stage:
+        """Reuse ``stage`` if possible, else empty its folder and call ``work(stage)``, whose
+        returned dict becomes ``stage.results``."""
+        self.stages.append(stage)
+        index = f"{len(self.stages)}/{self.total_stages}" if self.total_stages else len(self.stages)
+        if not self.force and not self.dry_run and stage.reusable():
+            stage.reused = True
+            self.say(f"[{index}] {stage.title}: reused {stage.out_dir} "
+                     f"(same settings; --force redoes it)")
+            return stage
+        if not self.dry_run:
+            if stage.out_dir.exists():
+                shutil.rmtree(stage.out_dir)
+            stage.out_dir.mkdir(parents=True)
+        self.say(f"[{index}] {stage.title} ...")
+        start = time.perf_counter()
+        stage.results = work(stage) or {}
+        stage.wall_s = time.perf_counter() - start
+        if not self.dry_run:
+            stage.save()
+            self.say(f"[{index}] {stage.title}: done in {format_duration(stage.wall_s)}"
+                     + (f" ({summary})" if (summary := summarize(stage.results)) else ""))
+        return stage
+
+    def command(self, stage: Stage, cmd: Sequence[str], progress: Optional[Progress] = None,
+                env: Optional[Dict[str, str]] = None, log_name: Optional[str] = None) -> str:
+        """Run ``cmd`` (from the repository root) with its output in the stage's log file and
+        a progress bar (none without ``progress``; none either when stderr is not a terminal);
+        return the output. Raises :class:`StageError` if it fails."""
+        cmd = [str(c) for c in cmd]
+        self.commands.append(cmd)
+        if self.dry_run:
+            self.say("  " + shlex.join(cmd))
+            return ""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{log_name or stage.name}.log"
+        full_env = {**os.environ, **self.env, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        lines: List[str] = []
+        show = self.progress and progress is not None
+        bar = tqdm(total=progress.total if show else None, desc=f"  {log_name or stage.name}",
+                   unit=progress.unit if show else "it", dynamic_ncols=True, leave=False,
+                   disable=None if show else True, file=sys.stderr)
+        with open(log_path, "w", buffering=1) as log:  # line-buffered: tail -f works
+            log.write("$ " + shlex.join(cmd) + "\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, errors="replace")
+            try:
+                for line in proc.stdout:
+                    log.write(line)
+                    lines.append(line)
+                    if show:
+                        progress.feed(line, bar)
+                rc = proc.wait()
+            except BaseException:  # Ctrl-C: stop the child too
+                proc.kill()
+                proc.wait()
+                raise
+            finally:
+                bar.close()
+        if rc != 0:
+            tail = "".join(lines[-25:])
+            raise StageError(f"stage {stage.name!r} failed (exit status {rc}): "
+                             f"{shlex.join(cmd)}\n--- last lines of {log_path} ---\n{tail}")
+        return "".join(lines)
+
+
+# -------------------------------------------------------------------------- helpers
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def summarize(results: Dict) -> str:
+    """A short text of the headline numbers in a stage's results."""
+    parts = []
+    for task, key, label in (("bbox", "AP", "box AP"), ("segm", "AP", "mask AP"),
+                             ("sem_seg", "mIoU", "mIoU")):
+        value = results.get(task, {}).get(key)
+        if value is not None:
+            parts.append(f"{label} {value:.1f}")
+    if "final_loss" in results:
+        parts.append(f"loss {results['first_loss']:.3f} -> {results['final_loss']:.3f}")
+    return ", ".join(parts)
+
+
+def python() -> str:
+    return sys.executable
+
+
+def tool(name: str) -> str:
+    """Path of a script of this repository (``tools/x.py``, ``pretrain/main.py``)."""
+    return str(REPO / name)
+
+
+def read_log_txt(path: Path) -> List[Dict]:
+    """pretrain/main.py's log.txt: one JSON object per epoch."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line:
+            rows.append(json.loads(line))
+    return rows
+
+
+def mean_std_ci(values: Iterable[float]) -> Dict[str, float]:
+    """Mean, sample standard deviation and the half width of a two-sided 95% t interval."""
+    values = [v for v in values if not math.isnan(v)]
+    n = len(values)
+    if n == 0:
+        return {"n": 0, "mean": math.nan, "std": math.nan, "ci95": math.nan}
+    mean = statistics.fmean(values)
+    if n == 1:
+        return {"n": 1, "mean": mean, "std": math.nan, "ci95": math.nan}
+    std = statistics.stdev(values)
+    return {"n": n, "mean": mean, "std": std, "ci95": t_quantile_975(n - 1) * std / math.sqrt(n)}
+
+
+# Two-sided 95% quantiles of Student's t (df 1..30); beyond that the normal value is close.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_quantile_975(df: int) -> float:
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    return _T975[df - 1] if df <= len(_T975) else 1.960
+
+
+def toy_size_overrides(kind: str, image_size: int) -> Dict[str, object]:
+    """Overrides of a ``configs/toy`` recipe for toy images of ``image_size`` pixels, with a
+    backbone pre-trained at that size (its position table has (size / 16)^2 entries): the
+    test-time resize to the images' own size (the recipes assume 128 px) and, for UPerNet
+    (``kind="seg"``), a sliding window that fits."""
+    s = image_size
+    common = {"model.backbone.net.img_size": s,
+              "dataloader.test.mapper.augmentations.0.short_edge_length": s}
+    if kind == "det":
+        return {**common, "dataloader.test.mapper.augmentations.0.max_size": max(s * 5 // 3, s)}
+    if kind == "seg":
+        return {**common, "dataloader.test.mapper.augmentations.0.max_size": s * 4,
+                "model.window_size": min(96, s), "model.window_stride": min(64, s // 2)}
+    raise ValueError(f"kind must be 'det' or 'seg', got {kind!r}")
+
+
+_PLAIN = re.compile(r"^[A-Za-z0-9_/.\-+@%:]+$")
+
+
+def d2_overrides(values: Dict[str, object]) -> List[str]:
+    """``key=value`` arguments of the Detectron2 train tool, which parses values with Hydra's
+    override grammar: strings other than plain words/paths are single-quoted."""
+    out = []
+    for key, value in values.items():
+        if isinstance(value, str) and not _PLAIN.match(value):
+            value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        out.append(f"{key}={value}")
+    return out
+
+
+__all__ = ["Progress", "Runner", "Stage", "StageError", "d2_eval_progress", "d2_overrides",
+           "d2_train_progress", "format_duration", "mean_std_ci", "parse_copypaste",
+           "pretrain_progress", "python", "read_log_txt", "summarize", "t_quantile_975",
+           "toy_size_overrides", "tool", "REPO"]
