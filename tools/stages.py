@@ -258,6 +258,10 @@ class Runner:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{log_name or stage.name}.log"
         full_env = {**os.environ, **self.env, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        # OpenMP threads that spin while they wait make PyTorch many times slower on CPUs that
+        # other processes share (measured: 5.6 vs 43 img/s pretraining itpn_nano on 2 busy
+        # cores); waiting passively costs little on an idle machine.
+        full_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         full_env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
         lines: List[str] = []
@@ -307,6 +311,19 @@ def summarize(results: Dict) -> str:
     if "final_loss" in results:
         parts.append(f"loss {results['first_loss']:.3f} -> {results['final_loss']:.3f}")
     return ", ".join(parts)
+
+
+def source_hash(*folders: str) -> str:
+    """Short sha256 of the ``*.py`` files under ``folders`` (relative to the repository): part
+    of a stage's settings, so that a stage reruns after the code it runs changed."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for folder in folders:
+        for path in sorted((REPO / folder).rglob("*.py")):
+            digest.update(str(path.relative_to(REPO)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def python() -> str:
@@ -385,5 +402,5 @@ def d2_overrides(values: Dict[str, object]) -> List[str]:
 
 __all__ = ["Progress", "Runner", "Stage", "StageError", "d2_eval_progress", "d2_overrides",
            "d2_train_progress", "format_duration", "mean_std_ci", "parse_copypaste",
-           "pretrain_progress", "python", "read_log_txt", "summarize", "t_quantile_975",
-           "toy_size_overrides", "tool", "REPO"]
+           "pretrain_progress", "python", "read_log_txt", "source_hash", "summarize",
+           "t_quantile_975", "toy_size_overrides", "tool", "REPO"]

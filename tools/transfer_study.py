@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/stages.py
 
 from stages import (REPO, Runner, Stage, StageError, d2_overrides,  # noqa: E402
                     d2_train_progress, format_duration, mean_std_ci, parse_copypaste,
-                    pretrain_progress, python, read_log_txt, tool, toy_size_overrides)
+                    pretrain_progress, python, read_log_txt, source_hash, tool,
+                    toy_size_overrides)
 
 ARMS = ("integral", "conventional", "scratch", "mim_only")
 # pretrain/main.py settings of each pre-trained arm.
@@ -180,7 +181,7 @@ class Study:
         given = getattr(a, f"{arm}_checkpoint")
         if given is not None:
             return {"checkpoint": str(Path(given).resolve()), "fingerprint": {"given": given},
-                    "img_size": a.input_size}
+                    "img_size": a.input_size or checkpoint_img_size(given)}
         pyramid, mfm = PRETRAIN_MODES[arm]
         data_path = a.pretrain_data or str(self.data_root / "images" / "train")
         settings = dict(model=a.model, pyramid=pyramid, mfm=mfm, data_path=data_path,
@@ -188,6 +189,7 @@ class Study:
                         batch_size=a.pretrain_batch, blr=a.pretrain_blr,
                         warmup_epochs=a.pretrain_warmup, nproc=a.pretrain_nproc,
                         extra=a.pretrain_args, device=a.device,
+                        code=source_hash("pretrain", "itpn_d2/modeling"),
                         data=data.fingerprint() if data is not None and self.toy_pretrain
                         else None)
         stage = Stage(f"pretrain_{arm}", f"pretrain {a.model} for the {arm} arm "
@@ -229,6 +231,7 @@ class Study:
                         num_gpus=a.num_gpus, device=a.device, train_dataset=a.train_dataset,
                         test_dataset=a.test_dataset, opts=a.opts, image_size=a.image_size,
                         start=start["fingerprint"] if start else None,
+                        code=source_hash("configs", "itpn_d2"),
                         data=self.data_fp)
         stage = Stage(f"finetune_{arm}_s{seed}", f"fine-tune {arm}, seed {seed}",
                       self.out / "finetune" / f"{arm}_s{seed}", settings)
@@ -299,6 +302,19 @@ class Study:
             (self.out / "results.md").write_text(render_markdown(summary))
             plot(summary, self.out / "transfer_study.png")
         return summary
+
+
+def checkpoint_img_size(path: str) -> Optional[int]:
+    """The pretraining image size recorded in an iTPN checkpoint (``model_overrides``), which
+    the detector's backbone must be built with; None for other files (Detectron2 checkpoints,
+    published ones: the train tool then says what to set) or when nothing is recorded."""
+    from itpn_d2.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(path)
+    except (CheckpointError, OSError, RuntimeError, ValueError):
+        return None
+    return (ckpt.get("model_overrides") or {}).get("img_size") if isinstance(ckpt, dict) else None
 
 
 # ------------------------------------------------------------------------------ results
