@@ -148,3 +148,15 @@ def test_tiny_study_runs_for_real(tmp_path):
     assert (out / "transfer_study.png").read_bytes()[:4] == b"\x89PNG"
     log = (out / "logs" / "finetune_conventional_s0.log").read_text()
     assert "NO feature pyramid" in log  # the checkpointer flags the random pyramid
+
+
+def test_checkpoint_img_size_reads_the_pretraining_size(tmp_path):
+    from itpn_d2.checkpoint import model_metadata, save_checkpoint
+
+    path = tmp_path / "backbone.pth"
+    save_checkpoint({"model": {}, **model_metadata("itpn_nano", {"img_size": 96})}, path)
+    assert study.checkpoint_img_size(str(path)) == 96
+    save_checkpoint({"model": {}, **model_metadata("itpn_nano", {})}, path)
+    assert study.checkpoint_img_size(str(path)) is None
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    assert study.checkpoint_img_size(str(tmp_path / "junk.pth")) is None
