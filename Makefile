@@ -19,7 +19,7 @@ $(STAMP): setup.py tools/install_detectron2.py
 	$(VENV_PY) tools/install_detectron2.py
 	touch $@
 
-# The end-to-end demo (tools/demo.py): ~15 minutes on 2 CPU cores, output/demo/REPORT.md.
+# The end-to-end demo (tools/demo.py): ~11 minutes on 2 idle CPU cores, output/demo/REPORT.md.
 # A second run reuses finished stages; `make demo DEMO_ARGS=--force` redoes them.
 demo: venv
 	$(VENV_PY) tools/demo.py $(DEMO_ARGS)

@@ -19,7 +19,7 @@ Stages (each cached in its own folder under ``--output``, see ``tools/stages.py`
  7. REPORT.md       the numbers, settings, timings, commands and figures
 
 A second run reuses every stage whose settings did not change; ``--force`` redoes them all.
-The default settings (``--preset full``) take about 10-15 minutes on 2 CPU cores;
+The default settings (``--preset full``) take about 11 minutes on 2 idle CPU cores;
 ``--preset smoke`` runs every stage in about a minute, to check an installation.
 
     python tools/demo.py                        # output/demo/REPORT.md
@@ -80,7 +80,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=REPO / "output" / "demo",
                    help="output folder (default: output/demo)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="full",
-                   help="default sizes: 'full' (~15 min on 2 CPU cores) or 'smoke' (~1 min)")
+                   help="default sizes: 'full' (~11 min on 2 idle CPU cores) or 'smoke' (~1 min)")
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if available)")
