@@ -508,6 +508,13 @@ def _fmt(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
 
+def _loss(results: Dict, name: str) -> str:
+    """``first -> final`` of a pretraining loss from the stage's results."""
+    nan = float("nan")
+    return (f"{results.get('first_' + name, nan):.4f} -> "
+            f"{results.get('final_' + name, nan):.4f}")
+
+
 def render_report(s: Dict) -> str:
     st, cfg = s["stages"], s["settings"]
     pre = st["pretrain"]["results"]
@@ -545,9 +552,7 @@ def render_report(s: Dict) -> str:
         f"| {_fmt(seg0.get('mIoU'))} | {_fmt(seg0.get('pACC'))} |",
         "",
         f"Pretraining ({pre.get('epochs')} epochs, MIM + MFM with the EMA teacher): loss "
-        f"{pre.get('first_loss', float('nan')):.4f} -> {pre.get('final_loss', float('nan')):.4f} "
-        f"(MIM {pre.get('first_mim', float('nan')):.4f} -> {pre.get('final_mim', float('nan')):.4f}, "
-        f"MFM {pre.get('first_mfm', float('nan')):.4f} -> {pre.get('final_mfm', float('nan')):.4f}).",
+        f"{_loss(pre, 'loss')} (MIM {_loss(pre, 'mim')}, MFM {_loss(pre, 'mfm')}).",
         "",
         "AP and mIoU are on Detectron2's 0-100 scale (COCO evaluation of the toy val split). "
         "The untrained baseline is the same detector evaluated before any fine-tuning; "
