@@ -41,17 +41,15 @@ from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/stages.py
 
-from stages import (REPO, Runner, Stage, StageError, d2_eval_progress,  # noqa: E402
-                    d2_overrides, d2_train_progress, format_duration, pretrain_progress, python,
-                    read_log_txt, source_hash, tool, toy_size_overrides)
+from stages import (D2_CODE, PRETRAIN_CODE, REPO, Runner, Stage,  # noqa: E402
+                    StageError, d2_eval_progress, d2_overrides, d2_train_progress,
+                    format_duration, pretrain_progress, python, read_log_txt, resolve_device,
+                    source_hash, tool, toy_env, toy_size_overrides)
 
 DET_CONFIG = "configs/toy/mask_rcnn_itpn_nano.py"
 SEG_CONFIG = "configs/toy/upernet_itpn_nano.py"
 MODEL = "itpn_nano"
 DET_RESULTS = "inference/coco_instances_results.json"  # under the detection stage's folder
-# Code whose changes invalidate cached stages: pretraining, and Detectron2 fine-tuning.
-PRETRAIN_CODE = ("pretrain", "itpn_d2/modeling")
-D2_CODE = ("configs", "itpn_d2")
 
 # Settings of each preset; command-line flags override single values.
 PRESETS: Dict[str, Dict[str, object]] = {
@@ -121,10 +119,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--pretrain-batch {args.pretrain_batch} exceeds --num-train {args.num_train}")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
-    if args.device == "auto":
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = resolve_device(args.device)
     args.output = args.output.resolve()
     return args
 
@@ -137,11 +132,12 @@ class Demo:
         self.args = args
         self.out = args.output
         self.data_root = self.out / "data"
-        env = {"ITPN_TOY_ROOT": str(self.data_root)}
-        if args.threads is not None:
-            env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-        self.runner = Runner(self.out / "logs", env=env, force=args.force, dry_run=args.dry_run,
+        self.runner = Runner(self.out / "logs", env=toy_env(self.data_root, args.threads),
+                             force=args.force, dry_run=args.dry_run,
                              progress=not args.no_progress, total_stages=6)
+        # hashed once: part of the settings of the stages that run this code
+        self.pretrain_code = source_hash(*PRETRAIN_CODE)
+        self.d2_code = source_hash(*D2_CODE)
 
     def d2_common(self, stage: Stage, max_iter: int) -> Dict[str, object]:
         a = self.args
@@ -179,7 +175,7 @@ class Demo:
         settings = dict(model=MODEL, mfm="ema", pyramid="on", epochs=a.pretrain_epochs,
                         batch_size=a.pretrain_batch, blr=a.pretrain_blr,
                         warmup_epochs=a.pretrain_warmup, seed=a.seed, device=a.device,
-                        code=source_hash(*PRETRAIN_CODE), data=data.fingerprint())
+                        code=self.pretrain_code, data=data.fingerprint())
         stage = Stage("pretrain", "pretrain itpn_nano (MIM + MFM, EMA teacher)",
                       self.out / "pretrain", settings,
                       outputs=["checkpoint-last.pth", "backbone.pth", "log.txt"])
@@ -213,7 +209,7 @@ class Demo:
         a = self.args
         stage = Stage("untrained", "evaluate the untrained detector (random heads)",
                       self.out / "untrained", dict(config=DET_CONFIG, seed=a.seed,
-                                                   device=a.device, code=source_hash(*D2_CODE),
+                                                   device=a.device, code=self.d2_code,
                                                    pretrain=pretrain.fingerprint()))
 
         def work(stage: Stage) -> Dict:
@@ -226,25 +222,36 @@ class Demo:
 
         return self.runner.run(stage, work)
 
+    def finetune_settings(self, config: str, iters: int, batch: int, lr: float,
+                          pretrain: Stage) -> Dict[str, object]:
+        a = self.args
+        return dict(config=config, iters=iters, batch=batch, lr=lr, seed=a.seed, device=a.device,
+                    code=self.d2_code, pretrain=pretrain.fingerprint())
+
+    def finetune(self, stage: Stage, config: str, iters: int, batch: int, lr: float, size: str,
+                 pretrain: Stage, extra: Optional[Dict[str, object]] = None) -> str:
+        """Fine-tune ``config`` from the exported pretraining checkpoint; the command's output."""
+        overrides = {**self.d2_common(stage, iters), **self.size_overrides(size),
+                     "train.init_checkpoint": str(pretrain.out_dir / "backbone.pth"),
+                     "dataloader.train.total_batch_size": batch, "optimizer.lr": lr,
+                     **(extra or {})}
+        cmd = [python(), tool("tools/lazyconfig_train_net.py"), "--config-file", config,
+               *d2_overrides(overrides)]
+        return self.runner.command(stage, cmd, d2_train_progress(iters))
+
     def detection(self, pretrain: Stage) -> Stage:
         a = self.args
         stage = Stage("detection", "fine-tune Mask R-CNN + COCO evaluation",
                       self.out / "detection",
-                      dict(config=DET_CONFIG, iters=a.det_iters, batch=a.det_batch, lr=a.det_lr,
-                           seed=a.seed, device=a.device, code=source_hash(*D2_CODE),
-                           pretrain=pretrain.fingerprint()),
+                      self.finetune_settings(DET_CONFIG, a.det_iters, a.det_batch, a.det_lr,
+                                             pretrain),
                       outputs=["model_final.pth", DET_RESULTS])
 
         def work(stage: Stage) -> Dict:
-            overrides = {**self.d2_common(stage, a.det_iters), **self.size_overrides("det"),
-                         "train.init_checkpoint": str(pretrain.out_dir / "backbone.pth"),
-                         "dataloader.train.total_batch_size": a.det_batch,
-                         "optimizer.lr": a.det_lr,
-                         # keep the val predictions (coco_instances_results.json) for the figure
-                         "dataloader.evaluator.output_dir": str(stage.out_dir / "inference")}
-            cmd = [python(), tool("tools/lazyconfig_train_net.py"), "--config-file",
-                   DET_CONFIG, *d2_overrides(overrides)]
-            out = self.runner.command(stage, cmd, d2_train_progress(a.det_iters))
+            # keep the val predictions (coco_instances_results.json) for the figure
+            extra = {"dataloader.evaluator.output_dir": str(stage.out_dir / "inference")}
+            out = self.finetune(stage, DET_CONFIG, a.det_iters, a.det_batch, a.det_lr, "det",
+                                pretrain, extra)
             return self.metrics(out, ("bbox", "segm"), stage)
 
         return self.runner.run(stage, work)
@@ -253,24 +260,19 @@ class Demo:
         a = self.args
         stage = Stage("segmentation", "fine-tune UPerNet + mIoU evaluation",
                       self.out / "segmentation",
-                      dict(config=SEG_CONFIG, iters=a.seg_iters, batch=a.seg_batch, lr=a.seg_lr,
-                           seed=a.seed, device=a.device, code=source_hash(*D2_CODE),
-                           pretrain=pretrain.fingerprint()),
+                      self.finetune_settings(SEG_CONFIG, a.seg_iters, a.seg_batch, a.seg_lr,
+                                             pretrain),
                       outputs=["model_final.pth"])
 
         def work(stage: Stage) -> Dict:
-            overrides = {**self.d2_common(stage, a.seg_iters), **self.size_overrides("seg"),
-                         "train.init_checkpoint": str(pretrain.out_dir / "backbone.pth"),
-                         "dataloader.train.total_batch_size": a.seg_batch,
-                         "optimizer.lr": a.seg_lr}
+            extra = {}
             if a.image_size < 128:  # the toy recipe crops 96 px out of 128 px images
                 # (64 px at least: p6 is p5 pooled, stride 64)
                 crop = max(64, a.image_size * 3 // 4 // 32 * 32)
-                overrides["dataloader.train.mapper.augmentations.crop_size"] = crop
-                overrides["dataloader.train.mapper.augmentations.short_edge"] = a.image_size
-            cmd = [python(), tool("tools/lazyconfig_train_net.py"), "--config-file",
-                   SEG_CONFIG, *d2_overrides(overrides)]
-            out = self.runner.command(stage, cmd, d2_train_progress(a.seg_iters))
+                extra["dataloader.train.mapper.augmentations.crop_size"] = crop
+                extra["dataloader.train.mapper.augmentations.short_edge"] = a.image_size
+            out = self.finetune(stage, SEG_CONFIG, a.seg_iters, a.seg_batch, a.seg_lr, "seg",
+                                pretrain, extra)
             results = self.metrics(out, ("sem_seg",), stage)
             if not a.dry_run:
                 results["all_background"] = all_background_scores(

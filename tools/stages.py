@@ -31,6 +31,10 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
+# Code whose changes invalidate cached stages (see source_hash): pretraining, and Detectron2
+# fine-tuning.
+PRETRAIN_CODE = ("pretrain", "itpn_d2/modeling")
+D2_CODE = ("configs", "itpn_d2")
 RECORD = "stage.json"
 RECORD_VERSION = 1
 
@@ -326,6 +330,23 @@ def source_hash(*folders: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` if PyTorch sees a GPU, else ``"cpu"``; other names as given."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def toy_env(data_root: Path, threads: Optional[int]) -> Dict[str, str]:
+    """Environment of stage commands: the toy dataset root and, if given, the CPU threads."""
+    env = {"ITPN_TOY_ROOT": str(data_root)}
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
 def python() -> str:
     return sys.executable
 
@@ -402,5 +423,6 @@ def d2_overrides(values: Dict[str, object]) -> List[str]:
 
 __all__ = ["Progress", "Runner", "Stage", "StageError", "d2_eval_progress", "d2_overrides",
            "d2_train_progress", "format_duration", "mean_std_ci", "parse_copypaste",
-           "pretrain_progress", "python", "read_log_txt", "source_hash", "summarize",
-           "t_quantile_975", "toy_size_overrides", "tool", "REPO"]
+           "pretrain_progress", "python", "read_log_txt", "resolve_device", "source_hash",
+           "summarize", "t_quantile_975", "toy_env", "toy_size_overrides", "tool", "D2_CODE",
+           "PRETRAIN_CODE", "REPO"]

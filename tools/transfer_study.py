@@ -39,10 +39,10 @@ from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/stages.py
 
-from stages import (REPO, Runner, Stage, StageError, d2_overrides,  # noqa: E402
-                    d2_train_progress, format_duration, mean_std_ci, parse_copypaste,
-                    pretrain_progress, python, read_log_txt, source_hash, tool,
-                    toy_size_overrides)
+from stages import (D2_CODE, PRETRAIN_CODE, REPO, Runner, Stage, StageError,  # noqa: E402
+                    d2_overrides, d2_train_progress, format_duration, mean_std_ci,
+                    parse_copypaste, pretrain_progress, python, read_log_txt, resolve_device,
+                    source_hash, tool, toy_env, toy_size_overrides)
 
 ARMS = ("integral", "conventional", "scratch", "mim_only")
 # pretrain/main.py settings of each pre-trained arm.
@@ -131,10 +131,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     bad = [o for o in args.opts if "=" not in o]
     if bad:
         p.error(f"overrides must be key=value, got {bad}")
-    if args.device == "auto":
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = resolve_device(args.device)
     args.output = args.output.resolve()
     return args
 
@@ -144,11 +141,12 @@ class Study:
         self.args = args
         self.out = args.output
         self.data_root = self.out / "data"
-        env = {"ITPN_TOY_ROOT": str(self.data_root)}
-        if args.threads is not None:
-            env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-        self.runner = Runner(self.out / "logs", env=env, force=args.force, dry_run=args.dry_run,
+        self.runner = Runner(self.out / "logs", env=toy_env(self.data_root, args.threads),
+                             force=args.force, dry_run=args.dry_run,
                              progress=not args.no_progress)
+        # hashed once: part of the settings of the stages that run this code
+        self.pretrain_code = source_hash(*PRETRAIN_CODE)
+        self.d2_code = source_hash(*D2_CODE)
         self.toy_recipe = "configs/toy/" in Path(args.config_file).as_posix() \
             and args.train_dataset is None
         self.toy_pretrain = args.pretrain_data is None
@@ -189,7 +187,7 @@ class Study:
                         batch_size=a.pretrain_batch, blr=a.pretrain_blr,
                         warmup_epochs=a.pretrain_warmup, nproc=a.pretrain_nproc,
                         extra=a.pretrain_args, device=a.device,
-                        code=source_hash("pretrain", "itpn_d2/modeling"),
+                        code=self.pretrain_code,
                         data=data.fingerprint() if data is not None and self.toy_pretrain
                         else None)
         stage = Stage(f"pretrain_{arm}", f"pretrain {a.model} for the {arm} arm "
@@ -231,7 +229,7 @@ class Study:
                         num_gpus=a.num_gpus, device=a.device, train_dataset=a.train_dataset,
                         test_dataset=a.test_dataset, opts=a.opts, image_size=a.image_size,
                         start=start["fingerprint"] if start else None,
-                        code=source_hash("configs", "itpn_d2"),
+                        code=self.d2_code,
                         data=self.data_fp)
         stage = Stage(f"finetune_{arm}_s{seed}", f"fine-tune {arm}, seed {seed}",
                       self.out / "finetune" / f"{arm}_s{seed}", settings)
