@@ -15,6 +15,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .errors import UserError
+
 FORMAT_VERSION = 1
 # ImageNet statistics on the 0-255 scale (Detectron2's convention), RGB order.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -25,7 +27,7 @@ METADATA_KEYS = ("model_name", "model_overrides", "pixel_mean", "pixel_std", "ch
 PathLike = Union[str, os.PathLike]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A file that is not a usable checkpoint, or weights that do not fit the model."""
 
 

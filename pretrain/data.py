@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
+
+from itpn_d2.errors import UserError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
@@ -47,7 +49,7 @@ class UnreadableImageWarning(UserWarning):
     """An image file could not be decoded and was skipped."""
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data folder cannot be used for training (missing, empty, too many bad images)."""
 
 

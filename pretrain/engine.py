@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from itpn_d2.checkpoint import (CheckpointError, _plain, check_state_dict, load_checkpoint,
                                 model_metadata, save_checkpoint)
+from itpn_d2.errors import UserError
 
 from .data import DataError, ResumableSampler, build_dataset, normalize
 from .models import (EMATeacher, PretrainModel, build_pretrain_model, decoder_size,
@@ -59,7 +60,7 @@ class ResumeError(CheckpointError):
     """The checkpoint to resume from belongs to another model or incompatible settings."""
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite."""
 
 

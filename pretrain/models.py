@@ -46,6 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from itpn_d2.errors import UserError
 from itpn_d2.modeling import ITPN, HiViT, build_itpn, map_to_tokens
 from itpn_d2.modeling.layers import (AttentionBlock, LayerNorm, gather_tokens, init_weights,
                                      sincos_pos_embed_2d)
@@ -77,7 +78,7 @@ DECODER_SIZES: Dict[str, DecoderSize] = {
 }
 
 
-class TeacherError(ValueError):
+class TeacherError(UserError, ValueError):
     """The requested teacher cannot be built (missing or unusable weights, unknown model)."""
 
 

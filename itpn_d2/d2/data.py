@@ -11,6 +11,8 @@ import numpy as np
 import detectron2.data.transforms as T
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 
+from ..errors import UserError
+
 
 class RandomChoice(T.Augmentation):
     """Apply one of several augmentation sequences, picked at random per image.
@@ -60,7 +62,7 @@ class BitmaskDatasetMapper(DatasetMapper):
         super()._transform_annotations(dataset_dict, transforms, image_shape)
 
 
-class DatasetError(KeyError):
+class DatasetError(UserError, KeyError):
     """A dataset that is not registered or whose files are missing."""
 
     def __str__(self) -> str:  # KeyError would print the repr of the message

@@ -20,11 +20,13 @@ from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.utils.file_io import PathManager
 
+from ..errors import UserError
+
 __all__ = ["LabelError", "SemSegDatasetMapper", "check_label", "read_label_png",
            "semseg_train_augmentations"]
 
 
-class LabelError(ValueError):
+class LabelError(UserError, ValueError):
     """A semantic segmentation label file that does not fit its image or the classes."""
 
 
