@@ -11,11 +11,11 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .errors import UserError
+from .errors import DiskFullError, UserError, disk_full_message
 
 FORMAT_VERSION = 1
 # ImageNet statistics on the 0-255 scale (Detectron2's convention), RGB order.
@@ -63,21 +63,88 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"cannot store {type(value).__name__} in checkpoint metadata: {value!r}")
 
 
+TEMP_SUFFIX = ".tmp"  # save_checkpoint's temporaries: ".<name>.<random>.tmp" beside the target
+
+
 def save_checkpoint(obj: Dict[str, Any], path: PathLike) -> None:
-    """Write ``obj`` to ``path`` atomically: a temporary file in the same folder, then rename."""
+    """Write ``obj`` to ``path`` atomically: a temporary file in the same folder, fsync, rename.
+
+    An existing ``path`` is replaced only by a complete file. A full disk raises
+    :class:`~itpn_d2.errors.DiskFullError` (the old file stays).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        message = disk_full_message(e, str(path)) if isinstance(e, (OSError, RuntimeError)) else None
+        if message:
+            raise DiskFullError(message) from e
         raise
+
+
+def remove_stale_temporaries(folder: PathLike) -> List[Path]:
+    """Delete temporaries that an interrupted :func:`save_checkpoint` left in ``folder``.
+
+    Call it only where no other process saves into ``folder`` (under :func:`lock_run_dir`).
+    Returns the removed paths.
+    """
+    removed = []
+    for tmp in Path(folder).glob(f".*{TEMP_SUFFIX}"):
+        if tmp.is_file():
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+class RunDirLock:
+    """An exclusive ``flock`` on ``<folder>/.lock``, held while a run writes into ``folder``.
+
+    The kernel drops it when the process dies, so a crashed run never leaves ``folder`` locked;
+    a second run into the same folder gets a :class:`CheckpointError` naming the holder.
+    """
+
+    def __init__(self, folder: PathLike):
+        import fcntl
+
+        self.path = Path(folder) / ".lock"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise CheckpointError(
+                f"{folder} is in use by another run ({holder}); wait for it to end or choose "
+                f"another output folder") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.close()  # closing drops the flock
+
+    def __enter__(self) -> "RunDirLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_run_dir(folder: PathLike) -> RunDirLock:
+    """Take :class:`RunDirLock` on ``folder`` (create it if needed)."""
+    return RunDirLock(folder)
 
 
 def _safe_globals() -> list:

@@ -102,3 +102,50 @@ def test_other_size_names_mismatched_keys():
 def test_model_from_checkpoint_needs_metadata(tmp_path):
     with pytest.raises(CheckpointError, match="no 'model_name'"):
         model_from_checkpoint({"model": {}})
+
+
+def test_save_on_full_disk_keeps_old_file(tmp_path, monkeypatch):
+    import errno
+
+    from itpn_d2.errors import DiskFullError
+
+    path = tmp_path / "ckpt.pth"
+    save_checkpoint({"model": {"w": torch.ones(1)}}, path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(DiskFullError, match="no space left on device writing .*ckpt.pth"):
+        save_checkpoint({"model": {"w": torch.zeros(1)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(1))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
+
+
+def test_remove_stale_temporaries(tmp_path):
+    from itpn_d2.checkpoint import remove_stale_temporaries
+
+    (tmp_path / ".ckpt.pth.abc123.tmp").write_bytes(b"partial")
+    (tmp_path / "keep.tmp").write_bytes(b"not ours")
+    save_checkpoint({"model": {"w": torch.ones(1)}}, tmp_path / "ckpt.pth")
+    assert [p.name for p in remove_stale_temporaries(tmp_path)] == [".ckpt.pth.abc123.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pth", "keep.tmp"]
+
+
+def test_run_dir_lock_excludes_second_run_until_released(tmp_path):
+    import subprocess
+    import sys
+
+    from itpn_d2.checkpoint import lock_run_dir
+
+    lock = lock_run_dir(tmp_path / "run")
+    # Another process: flock is per open file, so a second process is the real test.
+    probe = ("import sys; from itpn_d2.checkpoint import lock_run_dir\n"
+             "try:\n    lock_run_dir(sys.argv[1])\nexcept Exception as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "run")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "is in use by another run (pid " in out and "choose another output folder" in out
+    lock.release()
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "run")],
+                         capture_output=True, text=True, check=True).stdout
+    assert out == ""
