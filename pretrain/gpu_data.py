@@ -28,6 +28,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
@@ -157,9 +158,10 @@ def collate_encoded(samples: Sequence[Tuple[EncodedSample, int]]
     offsets = [0]
     for s, _ in samples:
         offsets.append(offsets[-1] + len(s.data))
-    joined = bytearray(b"".join(s.data for s, _ in samples))
-    data = (torch.frombuffer(joined, dtype=torch.uint8) if joined
-            else torch.empty(0, dtype=torch.uint8))
+    data = torch.empty(offsets[-1], dtype=torch.uint8)  # owns its storage: shareable
+    flat = data.numpy()
+    for (s, _), a, b in zip(samples, offsets[:-1], offsets[1:]):
+        flat[a:b] = np.frombuffer(s.data, dtype=np.uint8)
     batch = EncodedBatch(data, offsets, [s.orientation for s, _ in samples],
                          [s.crop for s, _ in samples], [s.path for s, _ in samples],
                          {i: s.decoded for i, (s, _) in enumerate(samples)

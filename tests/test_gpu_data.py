@@ -119,3 +119,22 @@ def test_decode_gpu_needs_cuda():
     assert str(e.value) == ("--decode gpu needs a CUDA device, got cpu; use --decode cpu "
                             "(the default) on this machine")
     assert get_args_parser().parse_args([]).decode == "cpu"
+
+
+def test_through_a_loader_worker_as_the_pil_loader(jpeg_dir):
+    from torch.utils.data import DataLoader
+
+    from pretrain.data import ResumableSampler
+
+    def batches(dataset, **kw):
+        sampler = ResumableSampler(dataset, seed=5)
+        sampler.set_epoch(1)
+        return list(DataLoader(dataset, batch_size=3, sampler=sampler, drop_last=True, **kw))
+
+    ref = batches(PretrainImages(jpeg_dir, 48))
+    got = batches(EncodedImages(jpeg_dir, 48), num_workers=1, collate_fn=collate_encoded)
+    decoder = GPUDecoder("cpu", 48)
+    assert len(got) == len(ref) == 2
+    for (images, _), (batch, bad) in zip(ref, got):
+        assert (decoder(batch).int() - images.int()).abs().float().mean() < 0.5
+        assert bad.tolist() == [0, 0, 0]
