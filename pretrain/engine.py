@@ -347,7 +347,9 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device) -> TrainR
     args = resolve_args(args, info, device)
     out_dir = Path(args["output_dir"])
     if device.type == "cuda":  # fixed input size; TF32 for the few fp32 matmuls left by autocast
-        torch.backends.cudnn.benchmark = True
+        # Autotuning may pick other kernels in another run: off where runs must repeat bit
+        # for bit (torch.use_deterministic_algorithms, as the CUDA exact-resume test does).
+        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     seed = args["seed"] + info.rank

@@ -1,7 +1,7 @@
 """Pretraining data decoded on the GPU (``pretrain/main.py --decode gpu``).
 
 The PIL path (:class:`pretrain.data.PretrainImages`) decodes, crops and resizes in loader
-workers: about 4.4 ms of CPU per ImageNet JPEG, i.e. ~16 cores per GPU at 3,600 img/s. Here
+workers: about 4 ms of CPU per ImageNet-sized JPEG, i.e. ~15 cores per GPU at 3,600 img/s. Here
 the workers only read file bytes and parse the JPEG header (size, colour mode, EXIF
 orientation: microseconds); the training process decodes each batch with one
 ``torchvision.io.decode_jpeg(list_of_bytes, device="cuda")`` call (nvjpeg; CUDA cannot run in

@@ -2,6 +2,7 @@
 JUnit outcomes of the GPU tests, and the one-line error without CUDA."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _pretrain_utils import REPO  # noqa: F401  (puts the repo root on sys.path)
 from pretrain import gpu_check as gc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,8 +127,9 @@ def test_unknown_group_is_a_user_error():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-CUDA error needs a CPU machine")
 def test_cli_without_cuda_gives_one_error_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(TOOL), "--output", str(tmp_path / "r.json")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == ("error: no CUDA device: tools/gpu_check.py measures a GPU; run it on "
                            "a machine with one (tools/gpu_check.py --list shows the plan)\n")

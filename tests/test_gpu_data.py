@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from _pretrain_utils import REPO  # noqa: F401  (puts the repo root on sys.path)
 from pretrain.data import PretrainImages, sample_crop, to_uint8_tensor
 from pretrain.engine import DistInfo, resolve_args
 from pretrain.gpu_data import (EXIF_ORIENTATION, DecodeDeviceError, EncodedImages, GPUDecoder,
