@@ -102,6 +102,9 @@ class EncodedBatch:
 
 @dataclass
 class EncodedSample:
+    """One file as a worker reads it: the JPEG bytes for the GPU, or (files nvjpeg cannot
+    take) the image PIL decoded, upright."""
+
     data: bytes  # empty when ``decoded`` holds the image
     orientation: int
     crop: Crop
