@@ -6,7 +6,8 @@ module imports no detectron2.
 
 Timing: ``--warmup`` untimed steps (they include ``torch.compile``), then ``--steps`` timed
 steps, each ended by a device synchronisation. ``step_ms`` is the mean timed step, ``img_s``
-= batch / mean step. Inputs are synthetic and already on the device: data loading is not timed.
+= batch / mean step. Inputs are synthetic and already on the device: data loading is not timed
+(``tools/benchmark.py data`` times the data paths on their own).
 On CUDA, one more (untimed) step runs under ``torch.cuda.set_sync_debug_mode("warn")``:
 ``host_syncs_per_step`` counts the synchronising calls and ``host_sync_sites`` names their
 lines. On the CPU, ``cpu_ms`` is the process CPU time (all threads) per timed step and
@@ -326,7 +327,7 @@ def get_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
                    help="folder of images (default: a generated JPEG corpus, see --images)")
     s.add_argument("--images", type=int, default=256, help="generated corpus: image count")
     s.add_argument("--image-size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"),
-                   help="generated corpus: image width and height (ImageNet's median)")
+                   help="generated corpus: image width and height (a typical ImageNet size)")
     s.add_argument("--quality", type=int, default=90, help="generated corpus: JPEG quality")
     s.add_argument("--paths", nargs="+", choices=DATA_PATHS, default=list(DATA_PATHS),
                    help="pil: PIL decode + crop (the default loader's worker); read_bytes: the "
