@@ -24,7 +24,7 @@ import os
 import random
 import warnings
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -99,6 +99,26 @@ def random_resized_crop_params(rng: random.Random, width: int, height: int,
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
+
+
+class Crop(NamedTuple):
+    """A sample's augmentation: crop box ``(top, left, h, w)`` in pixels, then a flip."""
+
+    top: int
+    left: int
+    h: int
+    w: int
+    flip: bool
+
+
+def sample_crop(seed: int, width: int, height: int, scale: Tuple[float, float] = (0.2, 1.0),
+                hflip: bool = True) -> Crop:
+    """The augmentation of one sample from its seed and its (upright) image size: the one
+    sampler of the PIL path (:class:`PretrainImages`) and the GPU path (``pretrain.gpu_data``),
+    so both give the same boxes under one seed."""
+    rng = random.Random(seed)
+    top, left, h, w = random_resized_crop_params(rng, width, height, scale)
+    return Crop(top, left, h, w, hflip and rng.random() < 0.5)
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -180,11 +200,11 @@ class PretrainImages(Dataset):
     def __getitem__(self, item: Union[int, Tuple[int, int]]) -> Tuple[torch.Tensor, int]:
         index, seed = item if isinstance(item, tuple) else (item, item)
         img, bad = self._load(int(index))
-        rng = random.Random(int(seed))
-        top, left, h, w = random_resized_crop_params(rng, img.width, img.height, self.scale)
+        top, left, h, w, flip = sample_crop(int(seed), img.width, img.height, self.scale,
+                                            self.hflip)
         img = TF.resized_crop(img, top, left, h, w, [self.input_size, self.input_size],
                               interpolation=InterpolationMode.BICUBIC)
-        if self.hflip and rng.random() < 0.5:
+        if flip:
             img = TF.hflip(img)
         return to_uint8_tensor(img), bad
 

@@ -42,6 +42,7 @@ from itpn_d2.checkpoint import (CheckpointError, _plain, check_state_dict, load_
 from itpn_d2.errors import UserError
 
 from .data import DataError, ResumableSampler, build_dataset, normalize
+from .gpu_data import GPUDecoder, build_encoded_dataset, check_decode_device, collate_encoded
 from .models import (EMATeacher, PretrainModel, build_pretrain_model, decoder_size,
                      ema_momentum, random_masking)
 from .visualize import reconstruction_grid, save_image
@@ -323,6 +324,8 @@ def resolve_args(args: Dict[str, Any], info: DistInfo, device: torch.device) -> 
         raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 or off on the CPU")
     args["amp"] = amp
     args["device"] = str(device)
+    args["decode"] = args.get("decode") or "cpu"
+    check_decode_device(args["decode"], device)
     if args.get("num_workers") is None:
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         cores = (os.cpu_count() or 1) // max(per_node, 1)
@@ -344,7 +347,9 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device) -> TrainR
     args = resolve_args(args, info, device)
     out_dir = Path(args["output_dir"])
     if device.type == "cuda":  # fixed input size; TF32 for the few fp32 matmuls left by autocast
-        torch.backends.cudnn.benchmark = True
+        # Autotuning may pick other kernels in another run: off where runs must repeat bit
+        # for bit (torch.use_deterministic_algorithms, as the CUDA exact-resume test does).
+        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     seed = args["seed"] + info.rank
@@ -354,7 +359,9 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device) -> TrainR
     mask_gen = torch.Generator().manual_seed(seed + 1_000_003)
 
     # ---- everything that can fail on bad input happens before the first step
-    dataset = build_dataset(args.get("data_path"), args["input_size"])
+    gpu_decode = args["decode"] == "gpu"  # workers read bytes, this process decodes on the GPU
+    dataset = (build_encoded_dataset if gpu_decode else build_dataset)(
+        args.get("data_path"), args["input_size"])
     sampler = ResumableSampler(dataset, info.world_size, info.rank, shuffle=True,
                                seed=args["seed"])
     iters_per_epoch = sampler.num_samples // args["batch_size"]
@@ -420,9 +427,11 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device) -> TrainR
 
     loader = DataLoader(
         dataset, batch_size=args["batch_size"], sampler=sampler, drop_last=True,
-        num_workers=args["num_workers"], pin_memory=device.type == "cuda",
+        num_workers=args["num_workers"], pin_memory=device.type == "cuda" and not gpu_decode,
         persistent_workers=args["num_workers"] > 0,
+        collate_fn=collate_encoded if gpu_decode else None,
         generator=torch.Generator().manual_seed(args["seed"]))
+    decoder = GPUDecoder(device, args["input_size"]) if gpu_decode else None
 
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -517,7 +526,8 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device) -> TrainR
                     f"{epoch_bad} unreadable images in epoch {epoch}, more than "
                     f"--max_bad_fraction {args.get('max_bad_fraction', 0.01)} of "
                     f"{sampler.num_samples}; check the data under {dataset.root}")
-            images = normalize(images.to(device, non_blocking=True))
+            images = normalize(decoder(images) if decoder is not None
+                               else images.to(device, non_blocking=True))
             masks = random_masking(images.shape[0], num_tokens, args["mask_ratio"], mask_gen,
                                    device)
             last_micro = (i + 1) % accum == 0
@@ -610,6 +620,9 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device) -> TrainR
     logger.close()
     if info.is_main:
         print(f"done: step {step} of {total_steps}; checkpoint {last_ckpt}", flush=True)
+        if decoder is not None:
+            print(f"--decode gpu: {decoder.cpu_fallbacks} of {decoder.images} images were "
+                  f"decoded on the CPU (CMYK / grayscale JPEGs, other formats)", flush=True)
     return TrainResult(model=raw_model, step=step, epoch=epoch, history=history,
                        checkpoint=last_ckpt)
 

@@ -28,6 +28,7 @@ if __name__ == "__main__":
 from itpn_d2.checkpoint import CheckpointError  # noqa: E402
 from pretrain.data import DataError  # noqa: E402
 from pretrain.engine import TrainingDiverged, TrainResult, train  # noqa: E402
+from pretrain.gpu_data import DECODE_CHOICES  # noqa: E402
 from pretrain.models import DECODER_SIZES, MFM_LOSSES, MFM_MODES, TeacherError  # noqa: E402
 
 
@@ -120,6 +121,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="data loading processes per training process (default: 0 on the CPU, "
                         "where decoding in the training process costs less than competing for "
                         "the cores; min(8, CPU cores / processes per node) on GPU)")
+    g.add_argument("--decode", choices=DECODE_CHOICES, default="cpu",
+                   help="where JPEGs are decoded and cropped: 'cpu' in the loader workers (PIL), "
+                        "'gpu' in the training process with nvjpeg (needs CUDA; workers only "
+                        "read file bytes; other files fall back to PIL)")
     g.add_argument("--max_bad_fraction", type=float, default=0.01,
                    help="stop when more than this fraction of an epoch's images are unreadable "
                         "(each one is skipped with a warning)")

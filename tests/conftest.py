@@ -1,6 +1,8 @@
-"""Shared fixtures and the opt-in ``slow`` marker (``pytest --runslow``)."""
+"""Shared fixtures, the opt-in ``slow`` marker (``pytest --runslow``) and the ``gpu`` marker
+(tests that need CUDA: skipped where it is not available)."""
 
 import pytest
+import torch
 
 from itpn_d2.data.toy import make_toy_dataset
 
@@ -11,6 +13,11 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        no_cuda = pytest.mark.skip(reason="gpu: needs a CUDA device")
+        for item in items:
+            if item.get_closest_marker("gpu") is not None:
+                item.add_marker(no_cuda)
     if config.getoption("--runslow"):
         return
     skip = pytest.mark.skip(reason="slow: run with --runslow")

@@ -89,3 +89,16 @@ def test_bad_settings_give_one_error(bench, capsys, argv, message):
     assert bench.cli(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err
+
+
+def test_data_paths_on_a_generated_corpus(bench):
+    rows = bench.main(["data", "--device", "cpu", "--images", "4", "--image-size", "96", "72",
+                       "--quality", "80", "--batch-size", "2", "--input-size", "64",
+                       "--steps", "1", "--warmup", "0", "--json"])
+    assert [r["name"] for r in rows] == ["pil", "read_bytes", "decode", "gpu_path"]
+    for row in rows:
+        check_row(row, "data", row["name"], batch=2)
+        assert row["cpu_ms_per_image"] > 0 and row["images_in_folder"] == 4
+        assert (row["corpus_images"], row["corpus_size"], row["corpus_quality"]) == \
+            (4, [96, 72], 80)
+        assert row["cpu_ms_per_image"] == pytest.approx(row["cpu_ms"] / 2, rel=1e-2)
