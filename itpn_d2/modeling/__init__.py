@@ -8,7 +8,7 @@ from .layers import map_to_tokens, tokens_to_map
 from .pyramid import IntegralPyramid
 
 __all__ = [
-    "ARCHS", "ITPN", "LEVELS", "STAGES", "feature_info", "stage_channels", "HiViT", "HiViTFeatures", "IntegralPyramid", "build_itpn", "hivit_layer_id",
-    "itpn_base", "itpn_large", "itpn_nano", "itpn_small", "itpn_tiny", "map_to_tokens",
-    "tokens_to_map",
+    "ARCHS", "ITPN", "LEVELS", "STAGES", "HiViT", "HiViTFeatures", "IntegralPyramid", "build_itpn",
+    "feature_info", "hivit_layer_id", "itpn_base", "itpn_large", "itpn_nano", "itpn_small",
+    "itpn_tiny", "map_to_tokens", "stage_channels", "tokens_to_map",
 ]

@@ -80,7 +80,8 @@ class ITPN(nn.Module):
                               indices: Optional[Union[int, Sequence[int]]] = None,
                               norm: bool = False, stop_early: bool = False,
                               output_fmt: str = "NCHW", intermediates_only: bool = False
-                              ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+                              ) -> Union[List[torch.Tensor],
+                                         Tuple[torch.Tensor, List[torch.Tensor]]]:
         """timm's feature API: the maps of :attr:`feature_info` (pyramid levels at strides 4, 8,
         16, or the backbone stages without pyramid).
 
