@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-from ..modeling import LEVELS, STAGES, ITPN, build_itpn, feature_info, tokens_to_map
+from ..modeling import ITPN, LEVELS, STAGES, build_itpn, feature_info, tokens_to_map
 from ..modeling.hivit import PATCH_SIZE
 
 # Pyramid outputs (fpn_dim channels each) and backbone stages (for necks that want them too,

@@ -176,8 +176,8 @@ class ITPNCheckpointer(DetectionCheckpointer):
         tensors is a checkpoint of another model (e.g. the same heads on another backbone):
         loading it would start the backbone from random weights with a long list of missing
         keys. Stop instead."""
-        prefixes = list(find_itpn_backbones(self.model)) if self._has_itpn() else []
-        net_keys = [k for k in model_keys if k.startswith(tuple(prefixes))] if prefixes else []
+        prefixes = tuple(find_itpn_backbones(self.model)) if self._has_itpn() else ()
+        net_keys = [k for k in model_keys if prefixes and k.startswith(prefixes)]
         found = sum(k in sd for k in net_keys)
         if net_keys and found * 2 < len(net_keys):
             shared = sorted(k for k in sd if k in model_keys)
