@@ -101,15 +101,19 @@ def test_converted_published_checkpoint_loads_stock(tmp_path):
         assert torch.equal(sd[PREFIX + k], v), k
 
 
-def test_files_without_the_flag_still_load_through_our_checkpointer(files, tmp_path):
+def test_files_without_the_flag_still_load(files, tmp_path):
     old = load_checkpoint(files["export"])
     del old["matching_heuristics"]
     save_checkpoint(old, tmp_path / "old.pth")
-    model = instantiate(LazyConfig.load(RECIPES["mask_rcnn"]).model)
-    ITPNCheckpointer(model).load(str(tmp_path / "old.pth"))
-    sd = model.state_dict()
-    for k, v in old["model"].items():
-        assert torch.equal(sd[PREFIX + k], v), k
+    # Our checkpointer, and a stock one given Detectron2's query flag on the path.
+    for load in (lambda m: ITPNCheckpointer(m).load(str(tmp_path / "old.pth")),
+                 lambda m: DetectionCheckpointer(m).load(f"{tmp_path / 'old.pth'}"
+                                                         "?matching_heuristics=True")):
+        model = instantiate(LazyConfig.load(RECIPES["mask_rcnn"]).model)
+        load(model)
+        sd = model.state_dict()
+        for k, v in old["model"].items():
+            assert torch.equal(sd[PREFIX + k], v), k
 
 
 def test_our_checkpointer_stops_on_a_detector_file_without_our_backbone(tmp_path):
