@@ -1,6 +1,7 @@
 """iTPN in timm: ``import itpn_d2.timm_models`` registers ``itpn_nano`` ... ``itpn_large``.
 
-timm has no plugin discovery, so this import must run before ``timm.create_model``::
+timm (1.0 or later: ``forward_intermediates`` and its getter wrapper) has no plugin discovery,
+so this import must run before ``timm.create_model``::
 
     import timm
     import itpn_d2.timm_models  # noqa: F401  (registers the models)
