@@ -7,7 +7,11 @@ Accepted files (``train.init_checkpoint``, or ``--resume``):
   ``mfm_heads``, ``teacher``, ``optimizer``...) are skipped and listed;
 * published iTPN checkpoints, converted on the fly (:mod:`itpn_d2.convert`);
 * Detectron2 checkpoints of the detector itself (``last_checkpoint`` when resuming; trainer
-  state such as optimizer, scheduler and iteration is then restored by the trainer).
+  state such as optimizer, scheduler and iteration is then restored by the trainer). One that
+  lacks most of the backbone/pyramid tensors (a detector with another backbone) is an error.
+
+A stock ``DetectionCheckpointer`` also loads this project's files (they carry
+``matching_heuristics``, see :data:`itpn_d2.checkpoint.D2_LOAD_FLAGS`) but checks nothing.
 
 Files are read with ``weights_only=True`` (:func:`itpn_d2.checkpoint.load_checkpoint`). ITPN
 weights go to ``<backbone module>.net.``; they must fit exactly: unlike fvcore, mismatched
