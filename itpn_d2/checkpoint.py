@@ -24,6 +24,12 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 METADATA_KEYS = ("model_name", "model_overrides", "pixel_mean", "pixel_std", "channel_order",
                  "format_version")
 
+# Written into every file that holds an ITPN state dict: Detectron2's DetectionCheckpointer
+# then matches ``model`` keys by suffix (``backbone.x`` -> ``backbone.net.backbone.x``), so a
+# stock ``DetectionCheckpointer(model).load(path)`` fills the detector's backbone and pyramid
+# while ``checkpoint["model"]`` stays the plain ITPN state dict that timm and our loaders read.
+D2_LOAD_FLAGS = {"matching_heuristics": True}
+
 PathLike = Union[str, os.PathLike]
 
 

@@ -39,8 +39,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from .checkpoint import (CheckpointError, PathLike, check_state_dict, load_checkpoint,
-                         model_metadata, save_checkpoint)
+from .checkpoint import (D2_LOAD_FLAGS, CheckpointError, PathLike, check_state_dict,
+                         load_checkpoint, model_metadata, save_checkpoint)
 from .modeling.itpn import ARCHS, ITPN, build_itpn
 
 # Heads of the published architectures, by width (not recoverable from weights without rpe).
@@ -195,7 +195,7 @@ def convert_official_checkpoint(src: PathLike, dst: Optional[PathLike] = None,
     state, name, overrides, skipped = convert_official_state_dict(sd, num_heads)
     model = build_itpn(name, **overrides)
     check_state_dict(model, state, what=f"converted {src}")
-    out = {"model": state, **model_metadata(name, overrides)}
+    out = {"model": state, **model_metadata(name, overrides), **D2_LOAD_FLAGS}
     args = ckpt.get("args")
     if isinstance(args, argparse.Namespace):
         args = vars(args)

@@ -37,8 +37,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from itpn_d2.checkpoint import (CheckpointError, _plain, check_state_dict, load_checkpoint,
-                                model_metadata, save_checkpoint)
+from itpn_d2.checkpoint import (D2_LOAD_FLAGS, CheckpointError, _plain, check_state_dict,
+                                load_checkpoint, model_metadata, save_checkpoint)
 from itpn_d2.errors import UserError
 
 from .data import DataError, ResumableSampler, build_dataset, normalize
@@ -466,6 +466,7 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device) -> TrainR
             return
         obj = {
             **model_metadata(args["model"], raw_model.encoder.model_overrides),
+            **D2_LOAD_FLAGS,  # stock Detectron2 loads "model" into backbone.net
             "model": raw_model.encoder.state_dict(),
             "decoder": raw_model.decoder.state_dict(),
             "mfm_heads": raw_model.mfm_heads.state_dict(),

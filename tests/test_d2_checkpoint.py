@@ -12,6 +12,7 @@ from detectron2.config import LazyConfig, instantiate  # noqa: E402
 
 from itpn_d2.checkpoint import CheckpointError, model_metadata, save_checkpoint  # noqa: E402
 from itpn_d2.d2 import ITPNCheckpointer, check_input_format  # noqa: E402
+from itpn_d2.data.toy import TOY_IMAGE_SIZE  # noqa: E402
 from itpn_d2.modeling import build_itpn  # noqa: E402
 
 TOY_RECIPE = "configs/toy/mask_rcnn_itpn_nano.py"
@@ -42,7 +43,7 @@ def randomized(net):
 
 
 def pretrain_checkpoint(path, net=None, **extra):
-    net = randomized(net if net is not None else build_itpn("itpn_nano"))
+    net = randomized(net if net is not None else build_itpn("itpn_nano", img_size=TOY_IMAGE_SIZE))
     ckpt = {
         "model": net.state_dict(),
         **model_metadata(net.model_name, net.model_overrides),
@@ -88,9 +89,9 @@ def test_pretrain_checkpoint_loads_verbatim(tmp_path, caplog):
 
 def test_export_without_pyramid_warns_loudly(tmp_path, caplog):
     torch.manual_seed(0)
-    net = randomized(build_itpn("itpn_nano", pyramid=False))
-    save_checkpoint({"model": net.state_dict(), **model_metadata("itpn_nano", {"pyramid": False})},
-                    tmp_path / "export.pth")
+    net = randomized(build_itpn("itpn_nano", pyramid=False, img_size=TOY_IMAGE_SIZE))
+    save_checkpoint({"model": net.state_dict(), **model_metadata(
+        "itpn_nano", {"pyramid": False, "img_size": TOY_IMAGE_SIZE})}, tmp_path / "export.pth")
     model = detector()
     pyramid_before = {k: v.clone() for k, v in model.state_dict().items()
                       if k.startswith(PREFIX + "pyramid.")}

@@ -30,12 +30,13 @@ def pretrain_checkpoint(tmp, toy_root):
         pretrain_main(["--model", "itpn_nano", "--max_steps", "1", "--batch_size", "2",
                        "--num_workers", "0", "--vis_images", "0", "--epochs", "1",
                        "--warmup_epochs", "0", "--data_path", str(toy_root / "images" / "train"),
+                       "--input_size", "128",  # the toy recipes' TOY_IMAGE_SIZE
                        "--output_dir", str(out)])
         (path,) = out.glob("checkpoint-last.pth")
         return path
-    net = build_itpn("itpn_nano")
+    net = build_itpn("itpn_nano", img_size=128)
     path = tmp / "pretrain.pth"
-    save_checkpoint({"model": net.state_dict(), **model_metadata("itpn_nano", {}),
+    save_checkpoint({"model": net.state_dict(), **model_metadata("itpn_nano", {"img_size": 128}),
                      "decoder": {"w": torch.zeros(2)}, "teacher": net.state_dict()}, path)
     return path
 

@@ -187,7 +187,8 @@ def test_reconstruction_grid_export_and_tools(images, tmp_path, capsys):
     assert _tool("export_backbone").main([str(ckpt), str(out)]) == 0
     exported = load_checkpoint(out)
     assert set(exported) == {"model", "model_name", "model_overrides", "pixel_mean",
-                             "pixel_std", "channel_order", "format_version"}
+                             "pixel_std", "channel_order", "format_version",
+                             "matching_heuristics"}  # for a stock DetectionCheckpointer
     model, _ = model_from_checkpoint(exported)
     for k, v in model.state_dict().items():
         assert torch.equal(v, result.model.encoder.state_dict()[k])

@@ -46,6 +46,8 @@ from stages import (D2_CODE, PRETRAIN_CODE, REPO, Runner, Stage,  # noqa: E402
                     format_duration, pretrain_progress, python, read_log_txt, resolve_device,
                     source_hash, tool, toy_env, toy_size_overrides)
 
+from itpn_d2.data.toy import TOY_IMAGE_SIZE  # noqa: E402
+
 DET_CONFIG = "configs/toy/mask_rcnn_itpn_nano.py"
 SEG_CONFIG = "configs/toy/upernet_itpn_nano.py"
 MODEL = "itpn_nano"
@@ -55,7 +57,7 @@ DET_RESULTS = "inference/coco_instances_results.json"  # under the detection sta
 PRESETS: Dict[str, Dict[str, object]] = {
     # ~10-15 minutes on 2 CPU cores (measured numbers: README.md).
     "full": dict(
-        num_train=256, num_val=64, image_size=128,
+        num_train=256, num_val=64, image_size=TOY_IMAGE_SIZE,
         pretrain_epochs=40, pretrain_batch=32, pretrain_blr=5e-3, pretrain_warmup=4,
         det_iters=800, det_batch=2, det_lr=1e-3,
         seg_iters=300, seg_batch=4, seg_lr=3e-3,
@@ -266,7 +268,7 @@ class Demo:
 
         def work(stage: Stage) -> Dict:
             extra = {}
-            if a.image_size < 128:  # the toy recipe crops 96 px out of 128 px images
+            if a.image_size < TOY_IMAGE_SIZE:  # the toy recipe crops 96 px of 128 px images
                 # (64 px at least: p6 is p5 pooled, stride 64)
                 crop = max(64, a.image_size * 3 // 4 // 32 * 32)
                 extra["dataloader.train.mapper.augmentations.crop_size"] = crop

@@ -2,8 +2,10 @@
 """Export the backbone + pyramid of a pretraining checkpoint, with its metadata.
 
 The output holds ``model`` (exactly ``build_itpn(model_name, **model_overrides).state_dict()``)
-and the metadata keys of :func:`itpn_d2.checkpoint.model_metadata`, nothing else: it is what
-Detectron2 (``ITPNCheckpointer``) and :func:`itpn_d2.checkpoint.model_from_checkpoint` load.
+and the metadata keys of :func:`itpn_d2.checkpoint.model_metadata`, nothing else but
+``matching_heuristics`` (:data:`itpn_d2.checkpoint.D2_LOAD_FLAGS`): it is what Detectron2 (a
+stock ``DetectionCheckpointer`` or ``ITPNCheckpointer``) and
+:func:`itpn_d2.checkpoint.model_from_checkpoint` load.
 Training-time settings that do not change the weights (``drop_path_rate``, ``use_checkpoint``)
 are left out of ``model_overrides``; downstream configs choose their own.
 
@@ -16,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from itpn_d2.checkpoint import (CheckpointError, load_checkpoint,  # noqa: E402
+from itpn_d2.checkpoint import (D2_LOAD_FLAGS, CheckpointError, load_checkpoint,  # noqa: E402
                                 metadata_of, model_from_checkpoint, model_metadata,
                                 save_checkpoint)
 
@@ -32,7 +34,8 @@ def export_backbone(src: str, dst: str) -> dict:
     overrides = {k: v for k, v in meta["model_overrides"].items() if k not in TRAINING_ONLY}
     out = {"model": ckpt["model"],
            **model_metadata(meta["model_name"], overrides, meta["pixel_mean"],
-                            meta["pixel_std"], meta["channel_order"])}
+                            meta["pixel_std"], meta["channel_order"]),
+           **D2_LOAD_FLAGS}
     model_from_checkpoint(out)  # the exact keys and shapes build_itpn expects
     save_checkpoint(out, dst)
     return out

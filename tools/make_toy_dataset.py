@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from itpn_d2.data.toy import default_toy_root, make_toy_dataset, toy_class_names
+from itpn_d2.data.toy import TOY_IMAGE_SIZE, default_toy_root, make_toy_dataset, toy_class_names
 
 
 def forward_check(root: Path, num_images: int = 2) -> None:
@@ -61,7 +61,8 @@ def main() -> int:
     )
     parser.add_argument("--num-train", type=int, default=256)
     parser.add_argument("--num-val", type=int, default=64)
-    parser.add_argument("--image-size", type=int, default=128, help="a multiple of 32")
+    parser.add_argument("--image-size", type=int, default=TOY_IMAGE_SIZE,
+                        help="a multiple of 32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--check", action="store_true", help="then run one Mask R-CNN training step on it"

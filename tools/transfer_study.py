@@ -44,6 +44,8 @@ from stages import (D2_CODE, PRETRAIN_CODE, REPO, Runner, Stage, StageError,  # 
                     parse_copypaste, pretrain_progress, python, read_log_txt, resolve_device,
                     source_hash, tool, toy_env, toy_size_overrides)
 
+from itpn_d2.data.toy import TOY_IMAGE_SIZE  # noqa: E402
+
 ARMS = ("integral", "conventional", "scratch", "mim_only")
 # pretrain/main.py settings of each pre-trained arm.
 PRETRAIN_MODES = {
@@ -79,7 +81,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "pretraining has no --pretrain-data)")
     g.add_argument("--num-train", type=int, default=256)
     g.add_argument("--num-val", type=int, default=64)
-    g.add_argument("--image-size", type=int, default=128)
+    g.add_argument("--image-size", type=int, default=TOY_IMAGE_SIZE)
 
     g = p.add_argument_group("pretraining (pretrain/main.py; one shared budget for every arm)")
     g.add_argument("--model", default="itpn_nano", help="--model of pretrain/main.py")

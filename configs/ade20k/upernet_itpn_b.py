@@ -32,7 +32,6 @@ optimizer.params.lr_decay_rate = 0.90
 
 train.max_iter = 160000
 lr_multiplier = poly_schedule(train.max_iter, warmup_iters=1500)
-train.amp.enabled = True
 train.checkpointer.period = 16000
 train.eval_period = 16000
 train.output_dir = "./output/upernet_itpn_b_ade20k"

@@ -25,4 +25,3 @@ optimizer.params.lr_decay_rate = 0.90
 
 train.max_iter = 90000
 lr_multiplier = step_schedule(train.max_iter, steps=(9 / 12, 11 / 12))
-train.amp.enabled = True

@@ -1,16 +1,21 @@
-"""Training loop settings read by tools/lazyconfig_train_net.py."""
+"""Training loop settings read by tools/lazyconfig_train_net.py (and Detectron2's own)."""
+
+import torch
+
+_CUDA = torch.cuda.is_available()
 
 train = dict(
     output_dir="./output",
     init_checkpoint="",  # pretrain/main.py checkpoint, export, or published iTPN checkpoint
     max_iter=90000,
-    # Mixed precision on CUDA only; precision "auto" picks bfloat16 where supported.
-    amp=dict(enabled=True, precision="auto"),
+    # Mixed precision on CUDA only; precision "auto" picks bfloat16 where supported (read by
+    # our tool; Detectron2's own AMPTrainer always uses float16 with a GradScaler).
+    amp=dict(enabled=_CUDA, precision="auto"),
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
     checkpointer=dict(period=5000, max_to_keep=100),
     eval_period=5000,  # evaluate every N iterations and at the end; 0: not during training
     log_period=20,
-    device="cuda",
+    device="cuda" if _CUDA else "cpu",
     # Input format / pixel statistics vs. the checkpoint's pretraining metadata:
     # "error", "warn" or "ignore".
     check_inputs="error",

@@ -9,16 +9,22 @@ import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
 
 from itpn_d2.d2.data import RandomChoice
+from itpn_d2.data.toy import TOY_IMAGE_SIZE, register_toy_datasets
 
 from ..common.schedule import step_schedule
 
-TOY_SCALES = (96, 112, 128)  # the toy images are 128 x 128
+TOY_SCALES = tuple(TOY_IMAGE_SIZE * k // 8 for k in (6, 7, 8))  # 96, 112, 128 for 128 px images
 
 
 def toy_detection(model, dataloader, train, model_name="itpn_nano", fpn_dim=64, conv_dim=64,
                   fc_dim=256, max_iter=300):
-    """Shrink ``model``/``dataloader``/``train`` in place; return the toy ``lr_multiplier``."""
+    """Shrink ``model``/``dataloader``/``train`` in place; return the toy ``lr_multiplier``.
+
+    Also registers the toy datasets (lazily: files are read with the data), so that
+    Detectron2's own tools run the recipe."""
+    register_toy_datasets(lazy=True)
     model.backbone.net.name = model_name  # itpn_nano: fpn_dim 64
+    model.backbone.net.img_size = TOY_IMAGE_SIZE  # the toy pretraining size
     model.proposal_generator.head.in_channels = fpn_dim
     heads = model.roi_heads
     box_heads = heads.box_heads if "box_heads" in heads else [heads.box_head]
@@ -49,7 +55,7 @@ def toy_detection(model, dataloader, train, model_name="itpn_nano", fpn_dim=64, 
         ]),
     ]
     dataloader.test.mapper.augmentations = [
-        L(T.ResizeShortestEdge)(short_edge_length=128, max_size=213)]
+        L(T.ResizeShortestEdge)(short_edge_length=TOY_IMAGE_SIZE, max_size=213)]
     dataloader.train.total_batch_size = 4
     dataloader.train.num_workers = dataloader.test.num_workers = 0
 

@@ -4,10 +4,14 @@ shapes segmentation set (tools/make_toy_dataset.py, $ITPN_TOY_ROOT; 6 classes, 1
 Only model size, head channels, dataset names, crop/window sizes and schedule change.
 """
 
+from itpn_d2.data.toy import TOY_IMAGE_SIZE, register_toy_datasets
+
 from ..ade20k.upernet_itpn_b import dataloader, model, optimizer, train
 from ..common.poly_schedule import poly_schedule
 
+register_toy_datasets(lazy=True)  # for Detectron2's own tools; files are read with the data
 model.backbone.net.name = "itpn_nano"  # fpn_dim 64
+model.backbone.net.img_size = TOY_IMAGE_SIZE  # the toy pretraining size
 model.sem_seg_head.channels = 64
 model.sem_seg_head.num_classes = 6  # background + 5 shapes
 model.auxiliary_head.channels = 32
@@ -16,8 +20,9 @@ model.window_stride = 64
 
 dataloader.train.dataset.names = "itpn_toy_sem_seg_train"
 dataloader.test.dataset.names = "itpn_toy_sem_seg_val"
-dataloader.train.mapper.augmentations.update(crop_size=96, short_edge=128, max_long_edge=512)
-dataloader.test.mapper.augmentations[0].update(short_edge_length=128, max_size=512)
+dataloader.train.mapper.augmentations.update(crop_size=96, short_edge=TOY_IMAGE_SIZE,
+                                             max_long_edge=512)
+dataloader.test.mapper.augmentations[0].update(short_edge_length=TOY_IMAGE_SIZE, max_size=512)
 dataloader.train.total_batch_size = 4
 dataloader.train.num_workers = dataloader.test.num_workers = 0
 

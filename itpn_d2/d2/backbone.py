@@ -16,14 +16,28 @@ import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-from ..modeling import ITPN, build_itpn, tokens_to_map
+from ..modeling import ITPN, LEVELS, STAGES, build_itpn, feature_info, tokens_to_map
 from ..modeling.hivit import PATCH_SIZE
 
 # Pyramid outputs (fpn_dim channels each) and backbone stages (for necks that want them too,
-# e.g. UPerNet's "pyramid level concatenated with the backbone stage of the same stride").
-PYRAMID_STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
-STAGE_STRIDES = {"c2": 4, "c3": 8, "c4": 16}
-DEFAULT_OUT_FEATURES = ("p2", "p3", "p4", "p5", "p6")
+# e.g. UPerNet's "pyramid level concatenated with the backbone stage of the same stride"), from
+# the network's own description (itpn_d2.modeling.features); p5 and p6 are the 2x poolings.
+_POOLED = ("p5", "p6")
+PYRAMID_STRIDES = {name: stride for name, stride, _ in LEVELS}
+PYRAMID_STRIDES.update({name: LEVELS[-1][1] * 2 ** (i + 1) for i, name in enumerate(_POOLED)})
+STAGE_STRIDES = {name: stride for name, stride, _ in STAGES}
+DEFAULT_OUT_FEATURES = tuple(PYRAMID_STRIDES)
+
+
+def itpn_output_shapes(embed_dim: int, fpn_dim: int) -> Dict[str, ShapeSpec]:
+    """Shapes of every output :class:`ITPNBackbone` offers (``p2``-``p6``, ``c2``-``c4``) for a
+    network with these widths (``fpn_dim`` 0: no pyramid, stages only)."""
+    shapes = {f["name"]: ShapeSpec(channels=f["num_chs"], stride=f["reduction"])
+              for f in feature_info(embed_dim, fpn_dim)}
+    if fpn_dim:
+        shapes.update({name: ShapeSpec(channels=fpn_dim, stride=PYRAMID_STRIDES[name])
+                       for name in _POOLED})
+    return shapes
 
 
 class ITPNBackbone(Backbone):
@@ -66,10 +80,9 @@ class ITPNBackbone(Backbone):
         self._size_divisibility = size_divisibility
         self._square_pad = square_pad
         self._out_features = out_features
-        self._out_feature_strides = {f: {**PYRAMID_STRIDES, **STAGE_STRIDES}[f]
-                                     for f in out_features}
-        stage_channels = dict(zip(STAGE_STRIDES, net.backbone.dims))
-        self._out_feature_channels = {f: stage_channels.get(f, net.fpn_dim) for f in out_features}
+        shapes = itpn_output_shapes(net.backbone.embed_dim, net.fpn_dim)
+        self._out_feature_strides = {f: shapes[f].stride for f in out_features}
+        self._out_feature_channels = {f: shapes[f].channels for f in out_features}
 
     @property
     def size_divisibility(self) -> int:
@@ -93,7 +106,7 @@ class ITPNBackbone(Backbone):
             feats, levels = self.net.forward_features(x)
             p2, p3, p4 = (tokens_to_map(level, feats.grid) for level in levels)
             maps = {"p2": p2, "p3": p3, "p4": p4}
-            if "p5" in self._out_features or "p6" in self._out_features:
+            if any(f in _POOLED for f in self._out_features):
                 maps["p5"] = F.avg_pool2d(p4, kernel_size=2, stride=2)
                 maps["p6"] = F.avg_pool2d(maps["p5"], kernel_size=2, stride=2)
         else:

@@ -7,7 +7,11 @@ Accepted files (``train.init_checkpoint``, or ``--resume``):
   ``mfm_heads``, ``teacher``, ``optimizer``...) are skipped and listed;
 * published iTPN checkpoints, converted on the fly (:mod:`itpn_d2.convert`);
 * Detectron2 checkpoints of the detector itself (``last_checkpoint`` when resuming; trainer
-  state such as optimizer, scheduler and iteration is then restored by the trainer).
+  state such as optimizer, scheduler and iteration is then restored by the trainer). One that
+  lacks most of the backbone/pyramid tensors (a detector with another backbone) is an error.
+
+A stock ``DetectionCheckpointer`` also loads this project's files (they carry
+``matching_heuristics``, see :data:`itpn_d2.checkpoint.D2_LOAD_FLAGS`) but checks nothing.
 
 Files are read with ``weights_only=True`` (:func:`itpn_d2.checkpoint.load_checkpoint`). ITPN
 weights go to ``<backbone module>.net.``; they must fit exactly: unlike fvcore, mismatched
@@ -31,8 +35,8 @@ from tabulate import tabulate
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _IncompatibleKeys
 
-from ..checkpoint import (CheckpointError, METADATA_KEYS, load_checkpoint, metadata_of,
-                          model_metadata)
+from ..checkpoint import (D2_LOAD_FLAGS, METADATA_KEYS, CheckpointError, load_checkpoint,
+                          metadata_of, model_metadata)
 from ..convert import PUBLISHED_HEADS, convert_official_state_dict, is_official_state_dict
 from ..modeling import ARCHS, ITPN
 from .optim import find_itpn_backbones
@@ -136,6 +140,7 @@ class ITPNCheckpointer(DetectionCheckpointer):
               for k, v in ckpt["model"].items()}
         model_keys = set(self.model.state_dict())
         if any(k in model_keys for k in sd):  # a checkpoint of this detector
+            self._check_detector_backbone(filename, sd, model_keys)
             ckpt["model"] = sd
             ckpt["__itpn__"] = {"kind": "detectron2", "path": filename}
             return ckpt
@@ -163,11 +168,30 @@ class ITPNCheckpointer(DetectionCheckpointer):
             kind = "iTPN pretraining checkpoint" if "decoder" in ckpt or "mfm_heads" in ckpt \
                 else "iTPN checkpoint"
             skipped = {k: _count(v)[0] for k, v in ckpt.items()
-                       if k != "model" and k not in METADATA_KEYS}
+                       if k != "model" and k not in METADATA_KEYS and k not in D2_LOAD_FLAGS}
         return {"model": {prefix + k: v for k, v in sd.items()},
                 "__itpn__": {"kind": kind, "path": filename, "prefix": prefix,
                              "metadata": metadata, "skipped": skipped,
                              "net": backbone.net}}
+
+    def _check_detector_backbone(self, filename: str, sd: Mapping[str, torch.Tensor],
+                                 model_keys: set) -> None:
+        """A file that shares keys with this detector but lacks most of its backbone/pyramid
+        tensors is a checkpoint of another model (e.g. the same heads on another backbone):
+        loading it would start the backbone from random weights with a long list of missing
+        keys. Stop instead."""
+        prefixes = tuple(find_itpn_backbones(self.model)) if self._has_itpn() else ()
+        net_keys = [k for k in model_keys if prefixes and k.startswith(prefixes)]
+        found = sum(k in sd for k in net_keys)
+        if net_keys and found * 2 < len(net_keys):
+            shared = sorted(k for k in sd if k in model_keys)
+            raise CheckpointError(
+                f"{filename} looks like a Detectron2 checkpoint of a detector (it has keys of "
+                f"this model such as {_shorten(shared, 3)}) but holds only {found} of the "
+                f"{len(net_keys)} backbone/pyramid tensors ({prefixes[0]}*): it was trained with "
+                f"another backbone. Start from an iTPN checkpoint instead (pretrain/main.py, "
+                f"tools/export_backbone.py or tools/convert_official_checkpoint.py output), or "
+                f"give a model_final.pth of this recipe.")
 
     @staticmethod
     def _heads_hint(sd: Mapping[str, torch.Tensor], net: ITPN) -> Optional[int]:

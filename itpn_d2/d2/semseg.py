@@ -36,7 +36,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
 from ..modeling import ARCHS, ITPN
-from .backbone import PYRAMID_STRIDES, STAGE_STRIDES
+from .backbone import itpn_output_shapes
 
 __all__ = [
     "SEG_LEVELS", "EncoderDecoderSegmentor", "FCNHead", "UPerNetHead", "add_upernet_config",
@@ -120,11 +120,7 @@ def itpn_feature_shapes(model_name: str, concat_stages: bool = False,
     arch = {**_ITPN_DEFAULTS, **ARCHS[model_name]}
     embed_dim = embed_dim or arch["embed_dim"]
     fpn_dim = fpn_dim or arch["fpn_dim"]
-    stage_dims = (embed_dim // 4, embed_dim // 2, embed_dim)
-    shapes = {name: ShapeSpec(channels=fpn_dim, stride=s) for name, s in PYRAMID_STRIDES.items()}
-    shapes.update({name: ShapeSpec(channels=c, stride=s)
-                   for (name, s), c in zip(STAGE_STRIDES.items(), stage_dims)})
-    shapes = seg_feature_shapes(shapes, concat_stages)
+    shapes = seg_feature_shapes(itpn_output_shapes(embed_dim, fpn_dim), concat_stages)
     if features is None:
         return shapes
     unknown = [f for f in features if f not in shapes]

@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw
 __all__ = [
     "CLASS_NAMES",
     "IGNORE_LABEL",
+    "TOY_IMAGE_SIZE",
     "default_toy_root",
     "make_toy_dataset",
     "register_toy_datasets",
@@ -51,6 +52,9 @@ IGNORE_LABEL = 255
 SPLITS = ("train", "val")
 ROOT_ENV = "ITPN_TOY_ROOT"
 MAX_SHAPES = 5
+# Side of the toy images, the toy pretraining size and the size the toy recipes build the
+# network at (its position table then matches the pretrained one, so every loader fills it).
+TOY_IMAGE_SIZE = 128
 # Shape radius (centre to farthest vertex) as a fraction of the image side.
 RADIUS_RANGE = (0.08, 0.22)
 # Least RGB distance between a shape's colour and the mean colour it is painted over.
@@ -176,7 +180,7 @@ def _shape_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
 
 
 def render_toy_image(
-    split: str, index: int, image_size: int = 128, seed: int = 0
+    split: str, index: int, image_size: int = TOY_IMAGE_SIZE, seed: int = 0
 ) -> Tuple[np.ndarray, List[Instance], np.ndarray]:
     """Draw image ``index`` of ``split``; it depends only on these arguments.
 
@@ -271,7 +275,7 @@ def make_toy_dataset(
     root: Optional[PathLike] = None,
     num_train: int = 256,
     num_val: int = 64,
-    image_size: int = 128,
+    image_size: int = TOY_IMAGE_SIZE,
     seed: int = 0,
 ) -> Dict:
     """Write the toy dataset under ``root`` unless an identical one is already there.
@@ -328,52 +332,73 @@ def _unregister(name: str) -> None:
         MetadataCatalog.remove(name)
 
 
-def register_toy_datasets(root: Optional[PathLike] = None) -> List[str]:
+def _missing_files(paths: Dict) -> List[Path]:
+    required = [paths["meta"]] + [p for s in SPLITS for p in paths[s].values()]
+    return [p for p in required if not p.exists()]
+
+
+def _missing_error(paths: Dict) -> FileNotFoundError:
+    missing = _missing_files(paths)
+    return FileNotFoundError(
+        f"toy dataset file {missing[0]} is missing; make the dataset with "
+        f"`{MAKE_COMMAND} {paths['root']}`"
+    )
+
+
+def _load_split(paths: Dict, split: str, kind: str) -> List[Dict]:
+    """The dataset dicts of ``split``; the files are checked here, when the data is read."""
+    from detectron2.data.datasets import load_coco_json, load_sem_seg
+
+    if _missing_files(paths):
+        raise _missing_error(paths)
+    p = {key: str(path) for key, path in paths[split].items()}
+    if kind == "instances":
+        return load_coco_json(p["json_file"], p["image_root"], f"itpn_toy_{split}")
+    return load_sem_seg(p["sem_seg_root"], p["image_root"], gt_ext="png", image_ext="png")
+
+
+def register_toy_datasets(root: Optional[PathLike] = None, lazy: bool = False) -> List[str]:
     """Register the toy dataset under ``root`` with Detectron2; return the dataset names.
 
     ``itpn_toy_{train,val}`` are COCO instance datasets (evaluator "coco"),
     ``itpn_toy_sem_seg_{train,val}`` semantic segmentation ones (evaluator "sem_seg",
-    ``stuff_classes`` = background + shapes, ``ignore_label`` = 255). Registering again
-    replaces the earlier registration.
+    ``stuff_classes`` = background + shapes, ``ignore_label`` = 255).
+
+    Args:
+        root: the dataset folder; ``None`` means :func:`default_toy_root`.
+        lazy: what loading a toy recipe does (so that Detectron2's own tools find the
+            datasets): register only names not registered yet and do not look at the files;
+            a missing dataset is then an error when the data is read. Otherwise the files are
+            checked now and an earlier registration is replaced.
 
     Raises:
-        FileNotFoundError: the dataset has not been made under ``root``.
+        FileNotFoundError: (``lazy=False``) the dataset has not been made under ``root``.
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.datasets import load_sem_seg, register_coco_instances
 
     paths = toy_paths(root if root is not None else default_toy_root())
-    required = [paths["meta"]] + [p for s in SPLITS for p in paths[s].values()]
-    for path in required:
-        if not path.exists():
-            raise FileNotFoundError(
-                f"toy dataset file {path} is missing; make the dataset with "
-                f"`{MAKE_COMMAND} {paths['root']}`"
-            )
+    if not lazy and _missing_files(paths):
+        raise _missing_error(paths)
 
     names = []
     for split in SPLITS:
         split_paths = {key: str(path) for key, path in paths[split].items()}
         instances_name, sem_seg_name = f"itpn_toy_{split}", f"itpn_toy_sem_seg_{split}"
+        names += [instances_name, sem_seg_name]
+        if lazy and {instances_name, sem_seg_name} <= set(DatasetCatalog.list()):
+            continue
         _unregister(instances_name)
         _unregister(sem_seg_name)
 
-        register_coco_instances(
-            instances_name,
-            {"thing_classes": toy_class_names()},
-            split_paths["json_file"],
-            split_paths["image_root"],
+        # As register_coco_instances, with a loader that checks the files first.
+        DatasetCatalog.register(instances_name, partial(_load_split, paths, split, "instances"))
+        MetadataCatalog.get(instances_name).set(
+            thing_classes=toy_class_names(),
+            json_file=split_paths["json_file"],
+            image_root=split_paths["image_root"],
+            evaluator_type="coco",
         )
-        DatasetCatalog.register(
-            sem_seg_name,
-            partial(
-                load_sem_seg,
-                split_paths["sem_seg_root"],
-                split_paths["image_root"],
-                gt_ext="png",
-                image_ext="png",
-            ),
-        )
+        DatasetCatalog.register(sem_seg_name, partial(_load_split, paths, split, "sem_seg"))
         MetadataCatalog.get(sem_seg_name).set(
             stuff_classes=["background", *CLASS_NAMES],
             ignore_label=IGNORE_LABEL,
@@ -381,5 +406,4 @@ def register_toy_datasets(root: Optional[PathLike] = None) -> List[str]:
             image_root=split_paths["image_root"],
             sem_seg_root=split_paths["sem_seg_root"],
         )
-        names += [instances_name, sem_seg_name]
     return names

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from .features import stage_channels
 from .layers import (AttentionBlock, MlpBlock, PatchEmbed, PatchMerge, check_image_size,
                      gather_tokens, init_weights, relative_position_index, resize_pos_embed,
                      sincos_pos_embed_2d)
@@ -73,7 +74,7 @@ class HiViT(nn.Module):
         self.img_size = img_size
         self.pretrain_grid = (img_size[0] // PATCH_SIZE, img_size[1] // PATCH_SIZE)
         self.embed_dim = embed_dim
-        self.dims = (embed_dim // 4, embed_dim // 2, embed_dim)  # strides 4, 8, 16
+        self.dims = stage_channels(embed_dim)  # strides 4, 8, 16
         self.use_checkpoint = use_checkpoint
         self.rpe = rpe
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
+from .features import feature_info
 from .hivit import HiViT, HiViTFeatures, hivit_layer_id
 from .layers import tokens_to_map
 from .pyramid import IntegralPyramid
@@ -40,6 +41,10 @@ class ITPN(nn.Module):
             layer_scale_init=layer_scale_init, drop_path_rate=drop_path_rate,
             use_checkpoint=use_checkpoint)
         self.pyramid = IntegralPyramid(embed_dim, fpn_dim, fpn_depth, mlp_ratio) if pyramid else None
+        # What forward_intermediates returns (timm's convention): the pyramid levels, or the
+        # backbone stages of a model without pyramid. Read by timm's features_only wrapper.
+        kind = "pyramid" if pyramid else "stage"
+        self.feature_info = [f for f in feature_info(embed_dim, self.fpn_dim) if f["kind"] == kind]
         # Set by build_itpn so that checkpoints can record how to rebuild the model.
         self.model_name: Optional[str] = None
         self.model_overrides: Dict[str, Any] = {}
@@ -70,6 +75,45 @@ class ITPN(nn.Module):
         return feats, (self.pyramid(feats) if self.pyramid is not None else None)
 
     forward = forward_pyramid
+
+    def forward_intermediates(self, x: torch.Tensor,
+                              indices: Optional[Union[int, Sequence[int]]] = None,
+                              norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False
+                              ) -> Union[List[torch.Tensor],
+                                         Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's feature API: the maps of :attr:`feature_info` (pyramid levels at strides 4, 8,
+        16, or the backbone stages without pyramid).
+
+        Args:
+            x: images ``(B, C, H, W)``, H and W multiples of 16.
+            indices: entries of ``feature_info`` to return: ``None`` all, an int ``n`` the last
+                ``n``, or a list of (possibly negative) indices.
+            norm: accepted for timm; the network has no final norm, so nothing changes.
+            stop_early: accepted for timm; every level needs the whole backbone, so nothing
+                changes.
+            output_fmt: ``"NCHW"`` or ``"NHWC"``.
+            intermediates_only: return only the list; otherwise ``(final, list)`` with
+                ``final`` the stride-16 backbone stage (NCHW).
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        n = len(self.feature_info)
+        if indices is None:
+            take = list(range(n))
+        elif isinstance(indices, int):
+            take = list(range(n - indices, n))
+        else:
+            take = [i % n if -n <= i < n else i for i in indices]
+        if not all(0 <= i < n for i in take):
+            raise IndexError(f"indices {indices} out of range for {n} features")
+        feats, levels = self.forward_features(x)
+        stages = (feats.s4, feats.s8, feats.s16)
+        maps = [tokens_to_map(t, feats.grid) for t in (levels if levels is not None else stages)]
+        out = [maps[i] if output_fmt == "NCHW" else maps[i].permute(0, 2, 3, 1) for i in take]
+        if intermediates_only:
+            return out
+        return tokens_to_map(feats.s16, feats.grid), out
 
     def layer_id(self, name: str) -> int:
         """Layer id of a parameter of this model for layer-wise LR decay.

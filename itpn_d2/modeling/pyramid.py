@@ -13,6 +13,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
+from .features import stage_channels
 from .hivit import HiViTFeatures
 from .layers import MlpBlock, PatchSplit, init_weights
 
@@ -31,7 +32,7 @@ class IntegralPyramid(nn.Module):
                  mlp_ratio: float = 4.0):
         super().__init__()
         self.fpn_dim = fpn_dim
-        c4, c8, c16 = embed_dim // 4, embed_dim // 2, embed_dim
+        c4, c8, c16 = stage_channels(embed_dim)
         self.lateral16 = nn.Linear(c16, fpn_dim) if c16 != fpn_dim else nn.Identity()
         self.split16to8 = PatchSplit(c16, fpn_dim)
         self.lateral8 = nn.Linear(c8, fpn_dim, bias=False)

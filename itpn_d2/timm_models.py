@@ -1,0 +1,115 @@
+"""iTPN in timm: ``import itpn_d2.timm_models`` registers ``itpn_nano`` ... ``itpn_large``.
+
+timm (1.0 or later: ``forward_intermediates`` and its getter wrapper) has no plugin discovery,
+so this import must run before ``timm.create_model``::
+
+    import timm
+    import itpn_d2.timm_models  # noqa: F401  (registers the models)
+
+    model = timm.create_model("itpn_base", checkpoint_path="backbone.pth")
+    p4, p8, p16 = model(images)  # the pyramid levels (strides 4, 8, 16), NCHW
+    features = timm.create_model("itpn_nano", features_only=True, img_size=128)
+
+The network has **no classifier**: ``model(x)`` returns the three pyramid levels (a model built
+with ``pyramid=False`` has none and ``model(x)`` fails; use ``features_only=True``, which then
+returns the backbone stages). ``features_only=True`` goes through ``forward_intermediates`` and
+``model.feature_info`` (:mod:`itpn_d2.modeling.features`). No weights are hosted:
+``checkpoint_path=`` (or ``pretrained=True`` with ``pretrained_cfg_overlay=dict(file=...)``)
+loads this project's files (pretraining checkpoints, exports, converted published ones); pass
+the checkpoint's architecture arguments (e.g. ``img_size=128`` for the toy pretraining).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import FeatureGetterNet
+
+from .convert import convert_official_state_dict, is_official_state_dict
+from .modeling import ITPN, build_itpn
+
+__all__ = ["ITPNFeatures", "checkpoint_filter_fn"]
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: ITPN) -> Dict[str, torch.Tensor]:
+    """timm's hook for ``pretrained=True`` files: our checkpoints (``model`` entry or a bare
+    state dict, a ``module.`` prefix from DDP) and published iTPN checkpoints (converted)."""
+    if isinstance(state_dict.get("model"), Mapping):
+        state_dict = state_dict["model"]
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    if is_official_state_dict(sd):
+        heads = model.backbone.blocks[0].attn.num_heads if len(model.backbone.blocks) else None
+        sd = convert_official_state_dict(sd, num_heads=heads)[0]
+    return sd
+
+
+def _load_plain_itpn_state_dict(module, state_dict, prefix, *args) -> None:
+    """``timm.create_model(..., features_only=True, checkpoint_path=...)`` loads the file into
+    the wrapper, whose keys carry ``model.``; our files hold the ITPN keys without it."""
+    if prefix == "" and state_dict and not any(k.startswith("model.") for k in state_dict):
+        for k in list(state_dict):
+            state_dict["model." + k] = state_dict.pop(k)
+
+
+class ITPNFeatures(FeatureGetterNet):
+    """timm's ``feature_cls="getter"`` wrapper (``forward_intermediates``) that also loads a
+    plain ITPN state dict, so ``checkpoint_path=`` works with ``features_only=True``."""
+
+    def __init__(self, model: ITPN, **kwargs: Any):
+        super().__init__(model, **kwargs)
+        self.register_load_state_dict_pre_hook(_load_plain_itpn_state_dict)
+
+
+def _cfg() -> Dict[str, Any]:
+    return dict(url="", num_classes=0, input_size=(3, 224, 224), pool_size=None,
+                mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, interpolation="bicubic",
+                first_conv="backbone.patch_embed.proj", classifier=None, license="apache-2.0")
+
+
+default_cfgs = generate_default_cfgs({name: _cfg() for name in (
+    "itpn_nano", "itpn_tiny", "itpn_small", "itpn_base", "itpn_large")})
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> ITPN:
+    if kwargs.get("num_classes"):
+        raise ValueError(f"{variant} has no classifier (model(x) returns the pyramid levels); "
+                         f"got num_classes={kwargs['num_classes']}")
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if pretrained and not (overlay.get("file") or overlay.get("state_dict")):
+        raise ValueError(f"no {variant} weights are hosted: pass checkpoint_path=FILE (or "
+                         f"pretrained_cfg_overlay=dict(file=FILE)) with a pretrain/main.py "
+                         f"checkpoint, a tools/export_backbone.py export or a converted "
+                         f"published checkpoint")
+    return build_model_with_cfg(
+        lambda **kw: build_itpn(variant, **kw), variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls=ITPNFeatures, out_indices=(0, 1, 2)),
+        kwargs_filter=("num_classes", "global_pool"), **kwargs)
+
+
+@register_model
+def itpn_nano(pretrained: bool = False, **kwargs: Any) -> ITPN:
+    return _create("itpn_nano", pretrained, **kwargs)
+
+
+@register_model
+def itpn_tiny(pretrained: bool = False, **kwargs: Any) -> ITPN:
+    return _create("itpn_tiny", pretrained, **kwargs)
+
+
+@register_model
+def itpn_small(pretrained: bool = False, **kwargs: Any) -> ITPN:
+    return _create("itpn_small", pretrained, **kwargs)
+
+
+@register_model
+def itpn_base(pretrained: bool = False, **kwargs: Any) -> ITPN:
+    return _create("itpn_base", pretrained, **kwargs)
+
+
+@register_model
+def itpn_large(pretrained: bool = False, **kwargs: Any) -> ITPN:
+    return _create("itpn_large", pretrained, **kwargs)
