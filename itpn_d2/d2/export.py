@@ -104,6 +104,8 @@ def export_model(cfg, output: Union[str, Path], fmt: str = "torchscript", *,
     """
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"--format {fmt!r} is unknown; choose from {', '.join(EXPORT_FORMATS)}")
+    if size is not None:  # before the (slow) model build
+        size = check_export_size(size)
     model = _load_model(cfg, checkpoint, device)
     net = model.backbone.net
     pretrain = tuple(net.backbone.img_size)
@@ -117,7 +119,9 @@ def export_model(cfg, output: Union[str, Path], fmt: str = "torchscript", *,
     module = BackboneOutputs(model.backbone).eval()
     in_chans = net.backbone.patch_embed.proj.in_channels
     example = torch.randn(1, in_chans, *size, device=device)
-    on_device = dict(make_input=lambda s: torch.randn(1, in_chans, *s, device=device))
+    generator = torch.Generator().manual_seed(0)
+    on_device = dict(make_input=lambda s: torch.randn(1, in_chans, *s, generator=generator)
+                     .to(device))
     report: Dict[str, Any] = {
         "format": fmt, "checkpoint": checkpoint, "trace_size": list(size),
         "pretrain_size": list(pretrain), "tolerance": tol, "files": {}, "checks": {},
@@ -156,10 +160,9 @@ def export_model(cfg, output: Union[str, Path], fmt: str = "torchscript", *,
     report["checks"]["backbone"] = compare_at_sizes(module, runner, backbone_sizes, **on_device)
 
     if fmt == "torchscript" and isinstance(model, GeneralizedRCNN):
-        def image(s: Size) -> torch.Tensor:
+        def image(s: Size) -> torch.Tensor:  # an unnormalised image, 0-255
             return torch.rand(in_chans, *s, generator=generator).mul(255).to(device)
 
-        generator = torch.Generator().manual_seed(0)
         adapter = detector_adapter(model, image(size)).eval()
         traced_model = trace_torchscript(adapter, adapter.flattened_inputs[0])
         traced_model.save(str(out_dir / "model.ts"))
