@@ -47,7 +47,8 @@ def test_predictor_is_lazy_and_import_itpn_d2_needs_no_detectron2():
     from itpn_d2.d2 import Predictor as d2_predictor
 
     assert itpn_d2.Predictor is d2_predictor is Predictor
-    code = "import sys, itpn_d2, itpn_d2.modeling, itpn_d2.export; print('detectron2' in sys.modules)"
+    code = ("import sys, itpn_d2, itpn_d2.modeling, itpn_d2.export; "
+            "print('detectron2' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "False", out.stderr
 

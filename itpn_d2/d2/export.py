@@ -153,10 +153,8 @@ def export_model(cfg, output: Union[str, Path], fmt: str = "torchscript", *,
         else:
             export_onnx(program, example, out_dir / "backbone.onnx", output_names=module.names)
             report["files"]["backbone"] = "backbone.onnx"
-            run_onnx = onnx_runner(out_dir / "backbone.onnx")
-            on_device = {}  # onnxruntime runs on the CPU: compare there
-            module = module.cpu()
-            runner = run_onnx
+            runner = onnx_runner(out_dir / "backbone.onnx")
+            module, on_device = module.cpu(), {}  # onnxruntime runs on the CPU: compare there
     report["checks"]["backbone"] = compare_at_sizes(module, runner, backbone_sizes, **on_device)
 
     if fmt == "torchscript" and isinstance(model, GeneralizedRCNN):
