@@ -15,7 +15,7 @@ venv: $(STAMP)
 $(STAMP): setup.py tools/install_detectron2.py
 	test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
 	$(VENV_PY) -c "import torch, torchvision" 2>/dev/null || $(VENV_PY) -m pip install $(TORCH_PINS)
-	$(VENV_PY) -m pip install -e '.[dev]'
+	$(VENV_PY) -m pip install -e '.[dev,export]'
 	$(VENV_PY) tools/install_detectron2.py
 	touch $@
 

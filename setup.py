@@ -43,5 +43,9 @@ setup(
         "setuptools<81",  # detectron2.model_zoo imports pkg_resources
         "opencv-python-headless",  # detectron2.utils.visualizer imports cv2
     ],
-    extras_require={"dev": ["pytest"]},
+    extras_require={
+        "dev": ["pytest"],
+        # ONNX export (tools/export_model.py --format onnx) and its checks; ~120 MB.
+        "export": ["onnx", "onnxruntime", "onnxscript"],
+    },
 )

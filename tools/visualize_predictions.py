@@ -22,11 +22,11 @@ import detectron2.data.transforms as T  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data.detection_utils import convert_image_to_rgb, read_image  # noqa: E402
-from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from itpn_d2.d2 import ITPNCheckpointer  # noqa: E402
 from itpn_d2.d2.data import config_dataset_names, prepare_datasets  # noqa: E402
+from itpn_d2.d2.predictor import draw_instances  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -83,8 +83,7 @@ def main(argv=None):
                           "width": image.shape[1]}])[0]
         instances = out["instances"].to("cpu")
         instances = instances[instances.scores >= args.score_threshold]
-        vis = Visualizer(convert_image_to_rgb(image, fmt), metadata, instance_mode=ColorMode.IMAGE)
-        drawn = vis.draw_instance_predictions(instances).get_image()
+        drawn = draw_instances(convert_image_to_rgb(image, fmt), instances, metadata)
         dst = out_dir / (Path(path).stem + ".png")
         Image.fromarray(drawn).save(dst)
         print(f"{dst}: {len(instances)} detections >= {args.score_threshold}")

@@ -28,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.utils.visualizer import Visualizer  # noqa: E402
+from detectron2.data.detection_utils import read_image  # noqa: E402
 
 from itpn_d2.d2 import ITPNCheckpointer  # noqa: E402
+from itpn_d2.d2.predictor import draw_sem_seg  # noqa: E402
 from itpn_d2.d2.semseg_data import read_label_png  # noqa: E402
 
 
@@ -61,12 +62,6 @@ def _test_dataset(cfg) -> str:
     return name
 
 
-def draw_sem_seg(image: np.ndarray, labels: np.ndarray, metadata, opacity: float = 0.5
-                 ) -> np.ndarray:
-    """``image`` (H, W, 3 RGB uint8) with ``labels`` (H, W class ids) drawn over it."""
-    return Visualizer(image, metadata).draw_sem_seg(labels, alpha=opacity).get_image()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     args = parse_args(argv)
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
@@ -94,7 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
         with torch.no_grad():
             logits = model([inputs])[0]["sem_seg"]
         pred = logits.argmax(dim=0).cpu().numpy()
-        image = np.asarray(Image.open(record["file_name"]).convert("RGB"))
+        image = read_image(record["file_name"], format="RGB")  # EXIF applied, as the mapper
         panels = [draw_sem_seg(image, pred, metadata, args.opacity)]
         if "sem_seg_file_name" in record:
             gt = read_label_png(record["sem_seg_file_name"])

@@ -1,4 +1,5 @@
-"""Detectron2 integration: backbone, checkpointer, optimizer helpers, data helpers.
+"""Detectron2 integration: backbone, checkpointer, optimizer helpers, data helpers, inference
+(:class:`Predictor`) and export.
 
 Importing this package imports detectron2 and registers ``build_itpn_backbone`` in
 ``BACKBONE_REGISTRY``.
@@ -7,12 +8,14 @@ Importing this package imports detectron2 and registers ``build_itpn_backbone`` 
 from .backbone import (DEFAULT_OUT_FEATURES, PYRAMID_STRIDES, STAGE_STRIDES, ITPNBackbone,
                        add_itpn_config, build_itpn_backbone)
 from .checkpoint import ITPNCheckpointer, check_input_format
+from .export import BackboneOutputs, export_model
 from .optim import (find_itpn_backbones, get_itpn_optimizer_params, itpn_layer_id,
                     itpn_lr_factor_func, no_weight_decay_param_names)
+from .predictor import Predictor, predict_files
 
 __all__ = [
-    "DEFAULT_OUT_FEATURES", "ITPNBackbone", "ITPNCheckpointer", "PYRAMID_STRIDES",
-    "STAGE_STRIDES", "add_itpn_config", "build_itpn_backbone", "check_input_format",
-    "find_itpn_backbones", "get_itpn_optimizer_params", "itpn_layer_id", "itpn_lr_factor_func",
-    "no_weight_decay_param_names",
+    "BackboneOutputs", "DEFAULT_OUT_FEATURES", "ITPNBackbone", "ITPNCheckpointer",
+    "PYRAMID_STRIDES", "Predictor", "STAGE_STRIDES", "add_itpn_config", "build_itpn_backbone",
+    "check_input_format", "export_model", "find_itpn_backbones", "get_itpn_optimizer_params",
+    "itpn_layer_id", "itpn_lr_factor_func", "no_weight_decay_param_names", "predict_files",
 ]

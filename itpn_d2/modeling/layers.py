@@ -77,16 +77,15 @@ class Attention(nn.Module):
 
     def relative_bias(self, rel_index: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         """Bias ``(heads, *rel_index.shape)`` for the flat offsets ``rel_index`` on ``grid``."""
-        table = self.rel_pos_table
         gh, gw = self.rel_pos_grid
         hp, wp = grid
-        if (hp, wp) != (gh, gw):
-            # Resample the table of offsets to the new range of offsets (bicubic, per head).
-            table = table.t().reshape(1, self.num_heads, 2 * gh - 1, 2 * gw - 1)
-            table = F.interpolate(table, size=(2 * hp - 1, 2 * wp - 1), mode="bicubic",
-                                  align_corners=False)
-            table = table.reshape(self.num_heads, -1).t()
-        return table[rel_index].movedim(-1, 0)
+        # Resample the table of offsets to the range of offsets of ``grid`` (bicubic, per head).
+        # Always, also on the pretraining grid (where bicubic resampling returns the table
+        # unchanged): a Python "same grid" branch would be baked into traces and exports.
+        table = self.rel_pos_table.t().reshape(1, self.num_heads, 2 * gh - 1, 2 * gw - 1)
+        table = F.interpolate(table, size=(2 * hp - 1, 2 * wp - 1), mode="bicubic",
+                              align_corners=False)
+        return table.reshape(self.num_heads, -1).t()[rel_index].movedim(-1, 0)
 
     def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         # x: [B, N, C]; attn_bias: broadcastable to [B, heads, N, N]
@@ -236,9 +235,12 @@ def relative_position_index(grid: Tuple[int, int], device=None) -> torch.Tensor:
 
 def resize_pos_embed(pos_embed: torch.Tensor, src_grid: Tuple[int, int],
                      dst_grid: Tuple[int, int]) -> torch.Tensor:
-    """Bicubic resize of a position table ``(1, Gh*Gw, C)`` to another grid."""
-    if tuple(src_grid) == tuple(dst_grid):
-        return pos_embed
+    """Bicubic resize of a position table ``(1, Gh*Gw, C)`` to the grid ``dst_grid``.
+
+    There is no "same grid" shortcut: on ``src_grid`` itself bicubic resampling (align_corners
+    False, scale 1) returns the table bit for bit, and a Python branch on the grid would be
+    baked into ``torch.jit.trace`` / ONNX graphs and become a guard of ``torch.export``.
+    """
     C = pos_embed.shape[-1]
     x = pos_embed.reshape(1, *src_grid, C).permute(0, 3, 1, 2)
     x = F.interpolate(x.float(), size=tuple(dst_grid), mode="bicubic", align_corners=False)
