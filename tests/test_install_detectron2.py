@@ -1,4 +1,4 @@
-"""Offline tests of tools/install_detectron2.py: hash check and wheel repacking."""
+"""Offline tests of tools/install_detectron2.py: hash check, wheel repacking, upstream tools."""
 
 import base64
 import csv
@@ -29,6 +29,7 @@ def _fake_source_wheel(path: Path) -> Path:
         "detectron2/__pycache__/__init__.cpython-310.pyc": b"\x00",
         "tools/__init__.py": b"",
         "tools/train_net.py": b"print('train')\n",
+        "tools/deploy/export_model.py": b"print('export')\n",
         "sal_detectron2-0.7.2.dist-info/METADATA": (
             b"Metadata-Version: 2.1\nName: sal-detectron2\nVersion: 0.7.2\n"
             b"Requires-Dist: numpy<2\nRequires-Dist: yacs>=0.1.8\n"
@@ -107,3 +108,51 @@ def test_ensure_is_a_noop_when_detectron2_imports(tool, monkeypatch):
 
     monkeypatch.setattr(tool, "download_source_wheel", no_download)
     assert " at " in tool.ensure_detectron2()
+
+
+TRAIN_NET_SHA256 = hashlib.sha256(b"print('train')\n").hexdigest()
+
+
+def test_extract_upstream_tools_copies_top_level_scripts_and_license(tool, tmp_path):
+    source = _fake_source_wheel(tmp_path / "sal_detectron2-0.7.2-cp310-none-any.whl")
+    out = tmp_path / "tools"
+    scripts = tool.extract_upstream_tools(source, out, {"train_net.py": TRAIN_NET_SHA256})
+    assert scripts == [out / "__init__.py", out / "train_net.py"]
+    assert sorted(p.name for p in out.iterdir()) == ["LICENSE", "__init__.py", "train_net.py"]
+    assert (out / "train_net.py").read_bytes() == b"print('train')\n"
+    assert (out / "LICENSE").read_bytes() == b"Apache License\n"
+
+
+def test_extract_upstream_tools_refuses_a_changed_script(tool, tmp_path):
+    source = _fake_source_wheel(tmp_path / "sal.whl")
+    out = tmp_path / "tools"
+    with pytest.raises(tool.InstallError) as excinfo:
+        tool.extract_upstream_tools(source, out, {"train_net.py": "0" * 64})
+    assert str(excinfo.value) == (
+        f"refusing to use tools/train_net.py of {source}: its sha256 is {TRAIN_NET_SHA256}, "
+        f"expected {'0' * 64}. The file is not the audited release."
+    )
+    assert not out.exists()  # nothing written
+    with pytest.raises(tool.InstallError, match="holds no tools/lazyconfig_train_net.py"):
+        tool.extract_upstream_tools(source, out)
+
+
+def test_ensure_upstream_tools_downloads_once(tool, tmp_path, monkeypatch):
+    source = _fake_source_wheel(tmp_path / "sal.whl")
+    downloads = []
+
+    def fake_download(dest, python=None):
+        downloads.append(dest)
+        return source
+
+    monkeypatch.setattr(tool, "download_source_wheel", fake_download)
+    monkeypatch.setattr(tool, "verify_sha256", lambda path: None)
+    monkeypatch.setattr(tool, "TRAIN_NET", "train_net.py")
+    monkeypatch.setattr(tool, "UPSTREAM_TOOLS_SHA256", {"train_net.py": TRAIN_NET_SHA256})
+    out = tmp_path / "tools"
+    assert tool.ensure_upstream_tools(out) == out / "train_net.py"
+    assert tool.ensure_upstream_tools(out) == out / "train_net.py"  # already there
+    assert len(downloads) == 1
+    (out / "train_net.py").write_bytes(b"edited")  # a changed file is fetched again
+    tool.ensure_upstream_tools(out)
+    assert len(downloads) == 2 and (out / "train_net.py").read_bytes() == b"print('train')\n"

@@ -13,9 +13,15 @@ evaluator are unavailable.
 
 Usage:
     python tools/install_detectron2.py          # no-op when ``import detectron2`` works
+    python tools/install_detectron2.py --upstream-tools DIR   # only upstream's tools/*.py
 
-The helpers (:func:`verify_sha256`, :func:`repack_pure_python`) are pure and unit-tested;
-:func:`ensure_detectron2` is the whole procedure.
+``--upstream-tools`` extracts Detectron2's own scripts (``lazyconfig_train_net.py`` etc.) from
+the same pinned wheel into DIR, whether or not detectron2 is installed; the project's interop
+test runs upstream's trainer from there (``make venv`` fills ``.venv/detectron2-tools``).
+
+The helpers (:func:`verify_sha256`, :func:`repack_pure_python`, :func:`extract_upstream_tools`)
+are pure and unit-tested; :func:`ensure_detectron2` and :func:`ensure_upstream_tools` are the
+whole procedures.
 """
 
 import argparse
@@ -25,8 +31,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from pathlib import Path, PurePosixPath
+from typing import Dict, List, Optional, Sequence, Tuple
 
 SOURCE_PROJECT = "sal-detectron2"
 VERSION = "0.7.2"
@@ -36,12 +42,25 @@ SOURCE_PYTHON_VERSION = "3.10"
 PACKAGE = "detectron2"
 # Suffixes of compiled files that a pure-Python wheel must not carry.
 BINARY_SUFFIXES = (".so", ".pyd", ".dylib", ".dll", ".pyc")
+# Upstream's scripts sit in the wheel's top-level ``tools/`` folder. The ones the project runs
+# are pinned by sha256 (the file as released; the wheel's pin alone would not say which member).
+TOOLS_FOLDER = "tools"
+TRAIN_NET = "lazyconfig_train_net.py"
+UPSTREAM_TOOLS_SHA256 = {
+    TRAIN_NET: "a6e199628bc73affd0eb1387174b7a5fa5888d2311269aac8ecfcd45c31be975",
+}
+# Where ``make venv`` puts them: inside the venv, so they are git-ignored and rebuilt with it.
+VENV_TOOLS_DIR = "detectron2-tools"
 
 FALLBACK_HELP = (
     "Install detectron2 yourself, e.g. build it from source on a machine with internet "
     "access and a C++ compiler:\n"
     "    pip install 'git+https://github.com/facebookresearch/detectron2.git'\n"
     "then rerun this command."
+)
+TOOLS_FALLBACK_HELP = (
+    f"The scripts come from the {SOURCE_PROJECT} {VERSION} wheel on PyPI: rerun this command "
+    "where pip can reach PyPI (or a mirror of it)."
 )
 
 
@@ -183,6 +202,55 @@ def repack_pure_python(
     return target
 
 
+def extract_upstream_tools(
+    source_wheel: Path,
+    out_dir: Path,
+    expected: Dict[str, str] = UPSTREAM_TOOLS_SHA256,
+) -> List[Path]:
+    """Copy the wheel's ``tools/*.py`` (and its LICENSE) into ``out_dir``.
+
+    Every file named in ``expected`` must be present with that sha256; nothing is written
+    otherwise, so a bad wheel cannot leave a half-updated folder.
+
+    Args:
+        source_wheel: the sal-detectron2 wheel.
+        out_dir: destination folder (created if missing); existing files are overwritten.
+        expected: file name -> sha256 of the pinned scripts.
+
+    Returns:
+        Paths of the extracted scripts, sorted.
+    """
+    with zipfile.ZipFile(source_wheel) as src:
+        names = src.namelist()
+        scripts = {
+            PurePosixPath(n).name: src.read(n)
+            for n in names
+            if str(PurePosixPath(n).parent) == TOOLS_FOLDER and n.endswith(".py")
+        }
+        license_file = next((n for n in names if n.endswith(".dist-info/LICENSE")), None)
+        license_text = src.read(license_file) if license_file else None
+    for name, sha in expected.items():
+        if name not in scripts:
+            raise InstallError(f"{source_wheel} holds no {TOOLS_FOLDER}/{name}")
+        actual = hashlib.sha256(scripts[name]).hexdigest()
+        if actual != sha:
+            raise InstallError(
+                f"refusing to use {TOOLS_FOLDER}/{name} of {source_wheel}: its sha256 is "
+                f"{actual}, expected {sha}. The file is not the audited release."
+            )
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = dict(scripts)
+    if license_text is not None:
+        files["LICENSE"] = license_text  # Apache-2.0 travels with the code
+    for name, data in files.items():
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(out_dir / name)  # atomic: an interrupted run leaves no truncated script
+    return sorted(out_dir / name for name in scripts)
+
+
 def installed_detectron2(python: str = sys.executable) -> Optional[str]:
     """``"VERSION at PATH"`` if ``python`` can import detectron2, else ``None``."""
     probe = (
@@ -252,16 +320,48 @@ def ensure_detectron2(python: str = sys.executable) -> str:
     return found
 
 
+def ensure_upstream_tools(out_dir: Path, python: str = sys.executable) -> Path:
+    """Make ``out_dir`` hold upstream's ``tools/*.py`` of the pinned release; return the path
+    of its ``lazyconfig_train_net.py``.
+
+    Independent of whether detectron2 is installed. No download when every pinned script is
+    already there with the right sha256.
+    """
+    out_dir = Path(out_dir)
+    pinned = [out_dir / name for name in UPSTREAM_TOOLS_SHA256]
+    if all(p.is_file() and sha256_hex(p) == UPSTREAM_TOOLS_SHA256[p.name] for p in pinned):
+        print(f"Detectron2 {VERSION} tools are already in {out_dir}; nothing to do.")
+        return out_dir / TRAIN_NET
+    with tempfile.TemporaryDirectory(prefix="itpn-d2-detectron2-") as tmp:
+        source = download_source_wheel(Path(tmp) / "download", python)
+        verify_sha256(source)
+        scripts = extract_upstream_tools(source, out_dir, UPSTREAM_TOOLS_SHA256)
+    print(f"Detectron2 {VERSION} tools ({len(scripts)} scripts) extracted into {out_dir}.")
+    return out_dir / TRAIN_NET
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.parse_args(argv)
+    parser.add_argument(
+        "--upstream-tools",
+        metavar="DIR",
+        type=Path,
+        help="instead of installing detectron2, put Detectron2's own tools/*.py "
+        f"(lazyconfig_train_net.py, ...) of the pinned {VERSION} release into DIR",
+    )
+    args = parser.parse_args(argv)
     try:
-        ensure_detectron2()
+        if args.upstream_tools is not None:
+            ensure_upstream_tools(args.upstream_tools)
+        else:
+            ensure_detectron2()
     except InstallError as e:
-        print(
-            f"ERROR: could not install detectron2 automatically: {e}\n{FALLBACK_HELP}",
-            file=sys.stderr,
-        )
+        if args.upstream_tools is not None:
+            print(f"ERROR: could not fetch Detectron2's tools: {e}\n{TOOLS_FALLBACK_HELP}",
+                  file=sys.stderr)
+        else:
+            print(f"ERROR: could not install detectron2 automatically: {e}\n{FALLBACK_HELP}",
+                  file=sys.stderr)
         return 1
     return 0
 
