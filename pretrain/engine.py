@@ -26,6 +26,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -118,7 +119,8 @@ def init_distributed(device_arg: Optional[str]) -> Tuple[DistInfo, torch.device]
     if world <= 1:
         device = torch.device(device_name)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise SettingsError("--device cuda requested but CUDA is not available; use --device cpu")
+            raise SettingsError("--device cuda requested but CUDA is not available; "
+                                "use --device cpu")
         return DistInfo(), device
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if device_name.startswith("cuda"):
@@ -394,11 +396,16 @@ def train(args: Dict[str, Any]) -> TrainResult:
     try:
         with contextlib.ExitStack() as stack:  # holds the output folder's lock
             return _train(args, info, device, stack)
-    except dist.DistError as e:
+    except RuntimeError as e:
         # A peer stopped (its own error line is above) or the network failed: no traceback.
-        raise PeerStopped(f"rank {info.rank} lost contact with the other processes of the job "
-                          f"({type(e).__name__}); if another rank stopped with an error, its "
-                          f"message is above") from e
+        # gloo reports a peer that exited as a plain RuntimeError.
+        lost = isinstance(e, dist.DistError) or "closed by peer" in str(e) \
+            or "reset by peer" in str(e)
+        if info.world_size == 1 or not lost:
+            raise
+        raise UserError(f"rank {info.rank} lost contact with the other processes of the job "
+                        f"({type(e).__name__}); if another rank stopped with an error, its "
+                        f"message is above") from e
     finally:
         if info.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
@@ -415,7 +422,7 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device,
             for tmp in remove_stale_temporaries(out_dir):
                 print(f"removed {tmp.name}, left by an interrupted checkpoint save",
                       file=sys.stderr)
-        if device.type == "cuda":  # fixed input size; TF32 for the few fp32 matmuls left by autocast
+        if device.type == "cuda":  # fixed input size; TF32 for the fp32 matmuls autocast leaves
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -433,8 +440,9 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device,
         steps_per_epoch = iters_per_epoch // args["accum_iter"]
         if steps_per_epoch < 1:
             raise DataError(
-                f"{len(dataset)} images under {dataset.root} give {sampler.num_samples} per process, "
-                f"fewer than batch_size x accum_iter = {args['batch_size'] * args['accum_iter']}")
+                f"{len(dataset)} images under {dataset.root} give {sampler.num_samples} per "
+                f"process, fewer than batch_size x accum_iter = "
+                f"{args['batch_size'] * args['accum_iter']}")
         total_steps = steps_per_epoch * args["epochs"]
         warmup_steps = int(round(args["warmup_epochs"] * steps_per_epoch))
 
@@ -457,7 +465,8 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device,
             optimizer.load_state_dict(ckpt["optimizer"])
             if ckpt.get("scaler"):
                 scaler.load_state_dict(ckpt["scaler"])
-            start_epoch, start_iter, step = ckpt["epoch"], ckpt.get("iter_in_epoch", 0), ckpt["step"]
+            start_epoch, start_iter = ckpt["epoch"], ckpt.get("iter_in_epoch", 0)
+            step = ckpt["step"]
             old = ckpt["args"]
             changed = [k for k in LAYOUT_ARGS if old.get(k) != args.get(k)]
             changed += ["steps_per_epoch"] if ckpt.get("steps_per_epoch") != steps_per_epoch else []
@@ -478,13 +487,15 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device,
             notes = sorted(k for k in old if k not in ARCH_ARGS + LAYOUT_ARGS and k in now
                            and old[k] != now[k] and k not in ("resume", "auto_resume", "max_steps"))
             if info.is_main:
-                dropped = trim_log(out_dir / "log.txt", start_epoch)
-                if dropped:
-                    print(f"note: dropped {dropped} line(s) of log.txt written after the "
-                          f"checkpoint (they are written again)", file=sys.stderr)
                 print(f"resuming from {resume_path}: epoch {start_epoch}, step {step}"
                       + (f"; settings now different: {', '.join(notes)}" if notes else ""))
             del ckpt
+        if info.is_main:  # log.txt then holds the epochs of the checkpoint resumed, if any
+            dropped = trim_log(out_dir / "log.txt", start_epoch)
+            if dropped:
+                print(f"note: dropped {dropped} line(s) of log.txt of epochs >= {start_epoch} "
+                      f"(written after the last checkpoint, or by an earlier run)",
+                      file=sys.stderr)
     except Exception as e:
         setup_error = e
     raise_if_any_failed(setup_error, info)
@@ -492,9 +503,11 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device,
     raw_model = model
     ddp_model: torch.nn.Module = model
     if info.world_size > 1:
-        ddp_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False)
+        with warnings.catch_warnings():  # torch 2.14 deprecates it; its successor differs
+            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+            ddp_model = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                broadcast_buffers=False)
     fwd_model = torch.compile(ddp_model) if args.get("compile") else ddp_model
 
     loader = DataLoader(
@@ -585,6 +598,7 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device,
         fwd_model.train()
         sums = torch.zeros(3, device=device)  # loss, mim, mfm summed over steps
         count, epoch_bad = 0, 0
+        bad_error: Optional[DataError] = None
         if meter_init is not None and epoch == start_epoch and skip_iters:
             sums += torch.tensor(meter_init["sums"], device=device)
             count, epoch_bad = meter_init["count"], meter_init["bad"]
@@ -599,11 +613,14 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device,
         for i in range(skip_iters, steps_per_epoch * accum):
             images, bad = next(it)
             epoch_bad += int(bad.sum())
-            if epoch_bad > max_bad:
-                raise DataError(
+            if epoch_bad > max_bad and bad_error is None:
+                bad_error = DataError(
                     f"{epoch_bad} unreadable images in epoch {epoch}, more than "
                     f"--max_bad_fraction {args.get('max_bad_fraction', 0.01)} of "
                     f"{sampler.num_samples}; check the data under {dataset.root}")
+                if info.world_size == 1:
+                    raise bad_error
+                # Several processes: all stop together at the next log point (one message).
             images = normalize(images.to(device, non_blocking=True))
             masks = random_masking(images.shape[0], num_tokens, args["mask_ratio"], mask_gen,
                                    device)
@@ -645,6 +662,8 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device,
             stop = step >= end_step
 
             if len(pending) >= args["log_every"] or stop or i + 1 == steps_per_epoch * accum:
+                if info.world_size > 1:
+                    raise_if_any_failed(bad_error, info)
                 values = all_reduce_mean(torch.stack(pending), info).cpu()  # one host sync
                 check_finite(values, pending_steps, epoch)
                 now = time.time()

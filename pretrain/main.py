@@ -84,6 +84,17 @@ def device_type(text: str) -> str:
     return text
 
 
+# A rank that stops silently (rank 0 reports the error) waits this long before it exits:
+# torchrun terminates the other processes as soon as one exits, which could cut rank 0 short.
+QUIET_EXIT_DELAY_S = 1.0
+
+
+def _wait_for_rank0() -> None:
+    import time
+
+    time.sleep(QUIET_EXIT_DELAY_S)
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad flags give one ``error:`` line; under torchrun only rank 0 prints it (every rank
     parses the same command line)."""
@@ -92,7 +103,9 @@ class _Parser(argparse.ArgumentParser):
         if os.environ.get("RANK", "0") == "0":
             message = message[len("argument "):] if message.startswith("argument ") else message
             print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+        else:
+            _wait_for_rank0()
+        sys.exit(EXIT_USER_ERROR)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -156,7 +169,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=POSITIVE_INT, default=64,
                    help="images per process per iteration; effective batch = batch_size x "
                         "accum_iter x world size")
-    g.add_argument("--accum_iter", type=POSITIVE_INT, default=1, help="gradient accumulation iterations")
+    g.add_argument("--accum_iter", type=POSITIVE_INT, default=1,
+                   help="gradient accumulation iterations")
     g.add_argument("--epochs", type=POSITIVE_INT, default=1600,
                    help="training epochs (sets the LR and EMA schedules)")
     g.add_argument("--warmup_epochs", type=NON_NEGATIVE, default=40, help="linear warm-up (epochs)")
@@ -184,7 +198,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="data loading processes per training process (default: 0 on the CPU, "
                         "where decoding in the training process costs less than competing for "
                         "the cores; min(8, CPU cores / processes per node) on GPU)")
-    g.add_argument("--max_bad_fraction", type=number_type(float, 0, 1, high_open=False), default=0.01,
+    g.add_argument("--max_bad_fraction", type=number_type(float, 0, 1, high_open=False),
+                   default=0.01,
                    help="stop when more than this fraction of an epoch's images are unreadable "
                         "(each one is skipped with a warning)")
 
@@ -238,8 +253,6 @@ def check_args(args: argparse.Namespace) -> None:
 def main(argv: Optional[List[str]] = None) -> TrainResult:
     """Parse ``argv`` and train; errors propagate (see :func:`cli` for the command line)."""
     args = get_args_parser().parse_args(argv)
-    if args.debug:
-        os.environ[DEBUG_ENV] = "1"
     try:
         check_args(args)
     except SettingsError:
@@ -254,11 +267,23 @@ def cli(argv: Optional[List[str]] = None) -> int:
     def entry() -> int:
         try:
             main(argv)
-        except PeerStopped:  # another process of the job printed the error
+        except PeerStopped:  # another process of the job prints the error
+            _wait_for_rank0()
             return EXIT_USER_ERROR
         return 0
 
-    return run_cli(entry)
+    argv = sys.argv[1:] if argv is None else argv
+    if "--debug" not in argv:
+        return run_cli(entry)
+    before = os.environ.get(DEBUG_ENV)
+    os.environ[DEBUG_ENV] = "1"  # run_cli reads it
+    try:
+        return run_cli(entry)
+    finally:
+        if before is None:
+            del os.environ[DEBUG_ENV]
+        else:
+            os.environ[DEBUG_ENV] = before
 
 
 if __name__ == "__main__":

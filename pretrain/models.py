@@ -403,7 +403,8 @@ class ClipTeacher(nn.Module):
         try:
             obj = load_torch_file(path)
         except CheckpointError as e:
-            raise TeacherError(f"cannot read teacher checkpoint (--teacher_checkpoint): {e}") from None
+            raise TeacherError(f"cannot read teacher checkpoint (--teacher_checkpoint): "
+                               f"{e}") from None
         sd = _unwrap_state_dict(obj)
         expected = visual.state_dict()
         missing = [k for k in expected if k not in sd]
