@@ -15,6 +15,14 @@ states of every rank (``rng``: torch, CUDA, numpy, python and the masking genera
 running sums of the epoch in progress. Because the data order and augmentation follow
 ``(seed, epoch, position)`` (see :mod:`pretrain.data`), a resumed run continues exactly where the
 interrupted one stopped, also in the middle of an epoch.
+
+Interruptions and failures: rank 0 holds :func:`~itpn_d2.checkpoint.lock_run_dir` on
+``output_dir`` (a second run into it stops; the lock ends with the process), removes temporaries
+of interrupted saves at the start, and trims ``log.txt`` to the epochs of the checkpoint it
+resumes (so no epoch is logged twice). A full disk while saving stops training with
+:class:`~itpn_d2.errors.DiskFullError` and keeps the last complete checkpoint. With several
+processes, an error in one rank stops all ranks together (:func:`raise_if_any_failed`) and is
+reported once.
 """
 
 from __future__ import annotations

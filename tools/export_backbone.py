@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from itpn_d2.checkpoint import (CheckpointError, load_checkpoint,  # noqa: E402
                                 metadata_of, model_from_checkpoint, model_metadata,
                                 save_checkpoint)
-from itpn_d2.errors import UserError, run_cli  # noqa: E402
+from itpn_d2.errors import DiskFullError, UserError, run_cli  # noqa: E402
 
 TRAINING_ONLY = ("drop_path_rate", "use_checkpoint")
 
@@ -39,8 +39,11 @@ def export_backbone(src: str, dst: str) -> dict:
         raise UserError(f"output {dst} is a folder; give a file name, e.g. {dst}/backbone.pth")
     try:
         save_checkpoint(out, dst)
-    except (PermissionError, NotADirectoryError, FileExistsError) as e:
-        raise UserError(f"cannot write {dst}: {e.strerror}; choose another output path") from None
+    except DiskFullError:
+        raise
+    except OSError as e:
+        raise UserError(f"cannot write {dst}: {e.strerror or e}; choose another output "
+                        f"path") from None
     return out
 
 

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from itpn_d2.checkpoint import CheckpointError, check_state_dict, load_checkpoint  # noqa: E402
 from itpn_d2.data.images import load_rgb_image  # noqa: E402
-from itpn_d2.errors import UserError, run_cli  # noqa: E402
+from itpn_d2.errors import UserError, disk_full_message, run_cli  # noqa: E402
 from pretrain.data import DataError, center_crop, to_uint8_tensor  # noqa: E402
 from pretrain.main import device_type, number_type  # noqa: E402
 from pretrain.models import build_pretrain_model, num_visible  # noqa: E402
@@ -81,8 +81,10 @@ def _main(argv=None) -> int:
     grid = reconstruction_grid(model, batch.to(args.device), ratio, seed=args.seed)
     try:
         print(f"wrote {save_image(grid, args.out)}")
-    except (PermissionError, NotADirectoryError, FileExistsError) as e:
-        raise UserError(f"cannot write --out {args.out}: {e.strerror}") from None
+    except OSError as e:
+        if disk_full_message(e):
+            raise
+        raise UserError(f"cannot write --out {args.out}: {e.strerror or e}") from None
     except ValueError as e:  # Pillow: unknown file extension
         raise UserError(f"cannot write --out {args.out}: {e}; use a .png file name") from None
     return 0
