@@ -46,9 +46,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from itpn_d2.checkpoint import (CheckpointError, _plain, check_state_dict, load_checkpoint,
-                                lock_run_dir, model_metadata, remove_stale_temporaries,
-                                save_checkpoint)
+from itpn_d2.checkpoint import (TEMP_SUFFIX, CheckpointError, _plain, check_state_dict,
+                                load_checkpoint, lock_run_dir, model_metadata,
+                                remove_stale_temporaries, save_checkpoint)
 from itpn_d2.errors import UserError
 
 from .data import DataError, ResumableSampler, build_dataset, normalize
@@ -295,7 +295,7 @@ def trim_log(path: Path, epochs_done: int) -> int:
         if epoch < epochs_done and line.endswith("\n"):
             keep.append(line)
     if len(keep) != len(lines):
-        tmp = path.with_name(f".{path.name}.trim")
+        tmp = path.with_name(f".{path.name}.trim{TEMP_SUFFIX}")  # removed at the next start
         tmp.write_text("".join(keep))
         os.replace(tmp, path)
     return len(lines) - len(keep)
