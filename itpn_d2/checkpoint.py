@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import re
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -167,25 +170,69 @@ def _safe_globals() -> list:
     return allowed
 
 
-def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``, allowing only the types listed above.
+def _not_a_checkpoint(path: Path, error: BaseException) -> CheckpointError:
+    """One line naming ``path`` and what it is instead (never torch's ``weights_only`` advice)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if size == 0:
+        what = "it is empty (0 bytes)"
+    elif head == b"PK\x03\x04":  # torch's format is a zip archive with <name>/data.pkl
+        if not zipfile.is_zipfile(path):
+            what = f"it is a truncated zip archive ({size} bytes)"
+        else:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+            what = ("its archive is damaged" if any(n.endswith("data.pkl") for n in names)
+                    else "it is a zip archive without torch's data.pkl")
+    elif head[:1] == b"\x80":
+        what = "it is a pickle that is not in torch's format, or a truncated legacy checkpoint"
+    else:
+        what = "its content is not in any torch format"
+    detail = str(error).splitlines()[0].strip() if str(error).strip() else ""
+    if "weights_only" in detail or len(detail) > 120:
+        detail = ""
+    detail = f"{type(error).__name__}: {detail}" if detail else type(error).__name__
+    return CheckpointError(
+        f"{path} is not a PyTorch checkpoint (or not a complete one): {what} ({detail}); an "
+        f"interrupted save or copy? Use another checkpoint (e.g. an earlier "
+        f"checkpoint-EPOCH.pth) or copy it again")
 
-    Returns a dict; a bare state dict is returned as ``{"model": state_dict}``.
+
+def load_torch_file(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` allowing only the types listed above.
+
+    A missing file, a file that is not a (complete) PyTorch checkpoint or one holding other
+    objects raise a one-line :class:`CheckpointError` naming ``path``.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
+        with torch.serialization.safe_globals(_safe_globals()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol notes on foreign files
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):
-            raise CheckpointError(f"{path} is not a PyTorch checkpoint ({e})") from None
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found is None:
+            raise _not_a_checkpoint(path, e) from None
         raise CheckpointError(
-            f"{path} holds objects this loader will not unpickle (only tensors, plain "
-            f"containers, argparse.Namespace and numpy scalars are allowed): {e}") from None
+            f"{path} holds objects this loader will not unpickle ({found.group(1)}; only "
+            f"tensors, plain containers, argparse.Namespace and numpy scalars are allowed): "
+            f"re-save its tensors as a plain dict, or convert it with "
+            f"tools/convert_official_checkpoint.py") from None
     except Exception as e:  # torch raises many types for a file that is not a checkpoint
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        raise _not_a_checkpoint(path, e) from None
+    return obj
+
+
+def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+    """Load a checkpoint with :func:`load_torch_file`.
+
+    Returns a dict; a bare state dict is returned as ``{"model": state_dict}``.
+    """
+    path = Path(path)
+    obj = load_torch_file(path, map_location)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):

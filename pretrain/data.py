@@ -8,6 +8,8 @@
   a global or per-worker random state, so a batch is the same whatever the number of workers
   and whether or not the run was resumed in the middle of an epoch. Images are returned as
   uint8 ``(3, S, S)`` tensors; normalisation happens on the device (see :func:`normalize`).
+  Files are decoded by :func:`itpn_d2.data.images.load_rgb_image` (EXIF orientation applied,
+  16-bit, transparent, palette and CMYK images converted to full-range 8-bit RGB).
   An unreadable file is skipped with a :class:`UnreadableImageWarning` (the next readable image
   takes its place) and counted: each sample also returns how many unreadable files it skipped,
   so the training loop can stop when too many fail.
@@ -31,6 +33,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
+from itpn_d2.data.images import load_rgb_image
 from itpn_d2.errors import UserError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
@@ -152,11 +155,6 @@ def denormalize(images: torch.Tensor) -> torch.Tensor:
     return images.float() * std + mean
 
 
-def load_rgb(path: str) -> Image.Image:
-    with Image.open(path) as img:
-        return img.convert("RGB")
-
-
 class PretrainImages(Dataset):
     """Images of a folder with MAE augmentation (see the module docstring).
 
@@ -189,7 +187,7 @@ class PretrainImages(Dataset):
         for k in range(MAX_CONSECUTIVE_BAD):
             path = str(self.files[(index + k) % len(self.files)])
             try:
-                return load_rgb(path), len(bad)
+                return load_rgb_image(path), len(bad)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}",
                               UnreadableImageWarning, stacklevel=2)

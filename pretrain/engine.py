@@ -15,6 +15,14 @@ states of every rank (``rng``: torch, CUDA, numpy, python and the masking genera
 running sums of the epoch in progress. Because the data order and augmentation follow
 ``(seed, epoch, position)`` (see :mod:`pretrain.data`), a resumed run continues exactly where the
 interrupted one stopped, also in the middle of an epoch.
+
+Interruptions and failures: rank 0 holds :func:`~itpn_d2.checkpoint.lock_run_dir` on
+``output_dir`` (a second run into it stops; the lock ends with the process), removes temporaries
+of interrupted saves at the start, and trims ``log.txt`` to the epochs of the checkpoint it
+resumes (so no epoch is logged twice). A full disk while saving stops training with
+:class:`~itpn_d2.errors.DiskFullError` and keeps the last complete checkpoint. With several
+processes, an error in one rank stops all ranks together (:func:`raise_if_any_failed`) and is
+reported once.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -37,14 +46,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from itpn_d2.checkpoint import (D2_LOAD_FLAGS, CheckpointError, _plain, check_state_dict,
-                                load_checkpoint, model_metadata, save_checkpoint)
+from itpn_d2.checkpoint import (D2_LOAD_FLAGS, TEMP_SUFFIX, CheckpointError, _plain,
+                                check_state_dict, load_checkpoint, lock_run_dir, model_metadata,
+                                remove_stale_temporaries, save_checkpoint)
 from itpn_d2.errors import UserError
 
 from .data import DataError, ResumableSampler, build_dataset, normalize
 from .gpu_data import GPUDecoder, build_encoded_dataset, check_decode_device, collate_encoded
-from .models import (EMATeacher, PretrainModel, build_pretrain_model, decoder_size,
-                     ema_momentum, random_masking)
+from .models import (EMATeacher, PretrainModel, SettingsError, build_pretrain_model,
+                     decoder_size, ema_momentum, random_masking)
 from .visualize import reconstruction_grid, save_image
 
 LAST = "checkpoint-last.pth"
@@ -63,6 +73,26 @@ class ResumeError(CheckpointError):
 
 class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class PeerStopped(UserError):
+    """Another process of a multi-process job failed; that process reports the error."""
+
+
+def raise_if_any_failed(error: Optional[BaseException], info: "DistInfo") -> None:
+    """Collective: stop every rank together when any rank failed (no rank waits forever).
+
+    The lowest failing rank raises its own ``error`` (so the job prints it once); the other
+    ranks raise :class:`PeerStopped`.
+    """
+    if info.world_size > 1:
+        failed: List[Any] = [None] * info.world_size
+        dist.all_gather_object(failed, error is not None)
+        first = next((r for r, f in enumerate(failed) if f), None)
+        if first is not None and first != info.rank:
+            raise PeerStopped(f"rank {first} stopped with an error")
+    if error is not None:
+        raise error
 
 
 @dataclass
@@ -98,7 +128,8 @@ def init_distributed(device_arg: Optional[str]) -> Tuple[DistInfo, torch.device]
     if world <= 1:
         device = torch.device(device_name)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda requested but CUDA is not available")
+            raise SettingsError("--device cuda requested but CUDA is not available; "
+                                "use --device cpu")
         return DistInfo(), device
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if device_name.startswith("cuda"):
@@ -231,7 +262,44 @@ def load_training_state(ckpt: Dict[str, Any], model: PretrainModel, path: Path) 
         module.load_state_dict(sd)
 
 
+def _lock_output_dir(out_dir: Path):
+    """:func:`~itpn_d2.checkpoint.lock_run_dir` with one-line errors for unusable folders."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SettingsError(f"--output_dir {out_dir} is a file, not a folder")
+    try:
+        return lock_run_dir(out_dir)
+    except PermissionError as e:
+        raise SettingsError(f"--output_dir {out_dir} is not writable ({e.strerror}); choose "
+                            f"another folder") from None
+
+
 # --------------------------------------------------------------------------- logging
+
+
+def trim_log(path: Path, epochs_done: int) -> int:
+    """Drop the ``log.txt`` lines of epochs ``>= epochs_done`` and any incomplete line.
+
+    An interrupted run may have logged epochs after its last checkpoint (``--save_every`` > 1,
+    or a kill between the log line and the save); the resumed run logs them again. Returns
+    the number of lines dropped; the file is replaced atomically.
+    """
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            epoch = int(entry["epoch"])
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+            continue
+        if epoch < epochs_done and line.endswith("\n"):
+            keep.append(line)
+    if len(keep) != len(lines):
+        tmp = path.with_name(f".{path.name}.trim{TEMP_SUFFIX}")  # removed at the next start
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+    return len(lines) - len(keep)
 
 
 class Logger:
@@ -309,19 +377,19 @@ def resolve_args(args: Dict[str, Any], info: DistInfo, device: torch.device) -> 
     if args.get("input_size") is None:
         args["input_size"] = TOY_INPUT_SIZE if args.get("data_path") is None else DEFAULT_INPUT_SIZE
     if args["input_size"] % 16:
-        raise ValueError(f"--input_size must be a multiple of 16, got {args['input_size']}")
+        raise SettingsError(f"--input_size must be a multiple of 16, got {args['input_size']}")
     if not 0.0 < args["mask_ratio"] < 1.0:
-        raise ValueError(f"--mask_ratio must be in (0, 1), got {args['mask_ratio']}")
+        raise SettingsError(f"--mask_ratio must be in (0, 1), got {args['mask_ratio']}")
     for key in ("batch_size", "accum_iter", "epochs"):
         if args[key] < 1:
-            raise ValueError(f"--{key} must be >= 1, got {args[key]}")
+            raise SettingsError(f"--{key} must be >= 1, got {args[key]}")
     args["world_size"] = info.world_size
     args["eff_batch_size"] = args["batch_size"] * args["accum_iter"] * info.world_size
     if args.get("lr") is None:
         args["lr"] = args["blr"] * args["eff_batch_size"] / 256
     amp = args.get("amp") or ("bf16" if device.type == "cuda" else "off")
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 or off on the CPU")
+        raise SettingsError("--amp fp16 needs a CUDA device; use --amp bf16 or off on the CPU")
     args["amp"] = amp
     args["device"] = str(device)
     args["decode"] = args.get("decode") or "cpu"
@@ -337,92 +405,124 @@ def train(args: Dict[str, Any]) -> TrainResult:
     """Run pretraining with the settings of ``pretrain/main.py`` (a dict)."""
     info, device = init_distributed(args.get("device"))
     try:
-        return _train(args, info, device)
+        with contextlib.ExitStack() as stack:  # holds the output folder's lock
+            return _train(args, info, device, stack)
+    except RuntimeError as e:
+        # A peer stopped (its own error line is above) or the network failed: no traceback.
+        # gloo reports a peer that exited as a plain RuntimeError.
+        lost = isinstance(e, dist.DistError) or "closed by peer" in str(e) \
+            or "reset by peer" in str(e)
+        if info.world_size == 1 or not lost:
+            raise
+        raise UserError(f"rank {info.rank} lost contact with the other processes of the job "
+                        f"({type(e).__name__}); if another rank stopped with an error, its "
+                        f"message is above") from e
     finally:
         if info.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(args: Dict[str, Any], info: DistInfo, device: torch.device) -> TrainResult:
-    args = resolve_args(args, info, device)
-    out_dir = Path(args["output_dir"])
-    if device.type == "cuda":  # fixed input size; TF32 for the few fp32 matmuls left by autocast
-        # Autotuning may pick other kernels in another run: off where runs must repeat bit
-        # for bit (torch.use_deterministic_algorithms, as the CUDA exact-resume test does).
-        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    seed = args["seed"] + info.rank
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    random.seed(seed)
-    mask_gen = torch.Generator().manual_seed(seed + 1_000_003)
+def _train(args: Dict[str, Any], info: DistInfo, device: torch.device,
+           stack: contextlib.ExitStack) -> TrainResult:
+    setup_error: Optional[BaseException] = None
+    try:  # every rank's setup must succeed before the first collective (DDP's broadcast)
+        args = resolve_args(args, info, device)
+        out_dir = Path(args["output_dir"])
+        if info.is_main:  # one run per output folder; then clean up after interrupted saves
+            stack.enter_context(_lock_output_dir(out_dir))
+            for tmp in remove_stale_temporaries(out_dir):
+                print(f"removed {tmp.name}, left by an interrupted checkpoint save",
+                      file=sys.stderr)
+        if device.type == "cuda":  # fixed input size; TF32 for the fp32 matmuls autocast leaves
+            # Autotuning may pick other kernels in another run: off where runs must repeat bit
+            # for bit (torch.use_deterministic_algorithms, as the CUDA exact-resume test does).
+            torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        seed = args["seed"] + info.rank
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        random.seed(seed)
+        mask_gen = torch.Generator().manual_seed(seed + 1_000_003)
 
-    # ---- everything that can fail on bad input happens before the first step
-    gpu_decode = args["decode"] == "gpu"  # workers read bytes, this process decodes on the GPU
-    dataset = (build_encoded_dataset if gpu_decode else build_dataset)(
-        args.get("data_path"), args["input_size"])
-    sampler = ResumableSampler(dataset, info.world_size, info.rank, shuffle=True,
-                               seed=args["seed"])
-    iters_per_epoch = sampler.num_samples // args["batch_size"]
-    steps_per_epoch = iters_per_epoch // args["accum_iter"]
-    if steps_per_epoch < 1:
-        raise DataError(
-            f"{len(dataset)} images under {dataset.root} give {sampler.num_samples} per process, "
-            f"fewer than batch_size x accum_iter = {args['batch_size'] * args['accum_iter']}")
-    total_steps = steps_per_epoch * args["epochs"]
-    warmup_steps = int(round(args["warmup_epochs"] * steps_per_epoch))
+        # ---- everything that can fail on bad input happens before the first step
+        gpu_decode = args["decode"] == "gpu"  # workers read bytes, this process decodes on GPU
+        dataset = (build_encoded_dataset if gpu_decode else build_dataset)(
+            args.get("data_path"), args["input_size"])
+        sampler = ResumableSampler(dataset, info.world_size, info.rank, shuffle=True,
+                                   seed=args["seed"])
+        iters_per_epoch = sampler.num_samples // args["batch_size"]
+        steps_per_epoch = iters_per_epoch // args["accum_iter"]
+        if steps_per_epoch < 1:
+            raise DataError(
+                f"{len(dataset)} images under {dataset.root} give {sampler.num_samples} per "
+                f"process, fewer than batch_size x accum_iter = "
+                f"{args['batch_size'] * args['accum_iter']}")
+        total_steps = steps_per_epoch * args["epochs"]
+        warmup_steps = int(round(args["warmup_epochs"] * steps_per_epoch))
 
-    model = build_pretrain_model(args)
-    resume_path = find_resume(args)
-    ckpt = None
-    if resume_path is not None:
-        ckpt = load_checkpoint(resume_path)
-        check_resume_compatible(ckpt, args, resume_path)
-        load_training_state(ckpt, model, resume_path)
-    model.to(device)
-    optimizer = build_optimizer(model, args, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=args["amp"] == "fp16")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args["amp"])
+        model = build_pretrain_model(args)
+        resume_path = find_resume(args)
+        ckpt = None
+        if resume_path is not None:
+            ckpt = load_checkpoint(resume_path)
+            check_resume_compatible(ckpt, args, resume_path)
+            load_training_state(ckpt, model, resume_path)
+        model.to(device)
+        optimizer = build_optimizer(model, args, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=args["amp"] == "fp16")
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args["amp"])
 
-    start_epoch, start_iter, step = 0, 0, 0
-    meter_init = None
-    rng_restore = None
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, start_iter, step = ckpt["epoch"], ckpt.get("iter_in_epoch", 0), ckpt["step"]
-        old = ckpt["args"]
-        changed = [k for k in LAYOUT_ARGS if old.get(k) != args.get(k)]
-        changed += ["steps_per_epoch"] if ckpt.get("steps_per_epoch") != steps_per_epoch else []
-        if changed and start_iter:
-            raise ResumeError(
-                f"cannot resume {resume_path} in the middle of epoch {start_epoch}: "
-                f"{', '.join(changed)} differ from the interrupted run")
-        if changed:
-            step = start_epoch * steps_per_epoch
-            print(f"note: {', '.join(changed)} changed; resuming at the start of epoch "
-                  f"{start_epoch} (step {step})", file=sys.stderr)
-        else:
-            meter_init = ckpt.get("epoch_meter")
-            states = ckpt.get("rng") or []
-            if len(states) == info.world_size:
-                rng_restore = states[info.rank]
-        now = _plain(args)
-        notes = sorted(k for k in old if k not in ARCH_ARGS + LAYOUT_ARGS and k in now
-                       and old[k] != now[k] and k not in ("resume", "auto_resume", "max_steps"))
-        if info.is_main:
-            print(f"resuming from {resume_path}: epoch {start_epoch}, step {step}"
-                  + (f"; settings now different: {', '.join(notes)}" if notes else ""))
-        del ckpt
+        start_epoch, start_iter, step = 0, 0, 0
+        meter_init = None
+        rng_restore = None
+        if ckpt is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            start_epoch, start_iter = ckpt["epoch"], ckpt.get("iter_in_epoch", 0)
+            step = ckpt["step"]
+            old = ckpt["args"]
+            changed = [k for k in LAYOUT_ARGS if old.get(k) != args.get(k)]
+            changed += ["steps_per_epoch"] if ckpt.get("steps_per_epoch") != steps_per_epoch else []
+            if changed and start_iter:
+                raise ResumeError(
+                    f"cannot resume {resume_path} in the middle of epoch {start_epoch}: "
+                    f"{', '.join(changed)} differ from the interrupted run")
+            if changed:
+                step = start_epoch * steps_per_epoch
+                print(f"note: {', '.join(changed)} changed; resuming at the start of epoch "
+                      f"{start_epoch} (step {step})", file=sys.stderr)
+            else:
+                meter_init = ckpt.get("epoch_meter")
+                states = ckpt.get("rng") or []
+                if len(states) == info.world_size:
+                    rng_restore = states[info.rank]
+            now = _plain(args)
+            notes = sorted(k for k in old if k not in ARCH_ARGS + LAYOUT_ARGS and k in now
+                           and old[k] != now[k] and k not in ("resume", "auto_resume", "max_steps"))
+            if info.is_main:
+                print(f"resuming from {resume_path}: epoch {start_epoch}, step {step}"
+                      + (f"; settings now different: {', '.join(notes)}" if notes else ""))
+            del ckpt
+        if info.is_main:  # log.txt then holds the epochs of the checkpoint resumed, if any
+            dropped = trim_log(out_dir / "log.txt", start_epoch)
+            if dropped:
+                print(f"note: dropped {dropped} line(s) of log.txt of epochs >= {start_epoch} "
+                      f"(written after the last checkpoint, or by an earlier run)",
+                      file=sys.stderr)
+    except Exception as e:
+        setup_error = e
+    raise_if_any_failed(setup_error, info)
 
     raw_model = model
     ddp_model: torch.nn.Module = model
     if info.world_size > 1:
-        ddp_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False)
+        with warnings.catch_warnings():  # torch 2.14 deprecates it; its successor differs
+            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+            ddp_model = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                broadcast_buffers=False)
     fwd_model = torch.compile(ddp_model) if args.get("compile") else ddp_model
 
     loader = DataLoader(
@@ -462,9 +562,20 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device) -> TrainR
     def save(epoch: int, iter_in_epoch: int, meter: Dict[str, Any], names: List[str]) -> None:
         nonlocal last_ckpt
         states = gather_rng_states(rng_state(mask_gen, device), info)
-        if not info.is_main:
-            return
-        obj = {
+        error = None
+        if info.is_main:
+            try:
+                obj = checkpoint_dict(epoch, iter_in_epoch, meter, states)
+                for name in names:
+                    save_checkpoint(obj, out_dir / name)
+            except Exception as e:  # a full disk: stop every rank, the last good file stays
+                error = e
+        raise_if_any_failed(error, info)
+        last_ckpt = out_dir / LAST
+
+    def checkpoint_dict(epoch: int, iter_in_epoch: int, meter: Dict[str, Any],
+                        states: List[Dict[str, Any]]) -> Dict[str, Any]:
+        return {
             **model_metadata(args["model"], raw_model.encoder.model_overrides),
             **D2_LOAD_FLAGS,  # stock Detectron2 loads "model" into backbone.net
             "model": raw_model.encoder.state_dict(),
@@ -479,9 +590,6 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device) -> TrainR
             "rng": states,
             "epoch_meter": meter,
         }
-        for name in names:
-            save_checkpoint(obj, out_dir / name)
-        last_ckpt = out_dir / LAST
 
     def check_finite(values: torch.Tensor, steps: List[int], epoch: int) -> None:
         bad = ~torch.isfinite(values).all(dim=1)
@@ -508,6 +616,7 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device) -> TrainR
         fwd_model.train()
         sums = torch.zeros(3, device=device)  # loss, mim, mfm summed over steps
         count, epoch_bad = 0, 0
+        bad_error: Optional[DataError] = None
         if meter_init is not None and epoch == start_epoch and skip_iters:
             sums += torch.tensor(meter_init["sums"], device=device)
             count, epoch_bad = meter_init["count"], meter_init["bad"]
@@ -522,11 +631,14 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device) -> TrainR
         for i in range(skip_iters, steps_per_epoch * accum):
             images, bad = next(it)
             epoch_bad += int(bad.sum())
-            if epoch_bad > max_bad:
-                raise DataError(
+            if epoch_bad > max_bad and bad_error is None:
+                bad_error = DataError(
                     f"{epoch_bad} unreadable images in epoch {epoch}, more than "
                     f"--max_bad_fraction {args.get('max_bad_fraction', 0.01)} of "
                     f"{sampler.num_samples}; check the data under {dataset.root}")
+                if info.world_size == 1:
+                    raise bad_error
+                # Several processes: all stop together at the next log point (one message).
             images = normalize(decoder(images) if decoder is not None
                                else images.to(device, non_blocking=True))
             masks = random_masking(images.shape[0], num_tokens, args["mask_ratio"], mask_gen,
@@ -569,6 +681,8 @@ def _train(args: Dict[str, Any], info: DistInfo, device: torch.device) -> TrainR
             stop = step >= end_step
 
             if len(pending) >= args["log_every"] or stop or i + 1 == steps_per_epoch * accum:
+                if info.world_size > 1:
+                    raise_if_any_failed(bad_error, info)
                 values = all_reduce_mean(torch.stack(pending), info).cpu()  # one host sync
                 check_finite(values, pending_steps, epoch)
                 now = time.time()
@@ -638,5 +752,5 @@ def write_reconstruction(model: PretrainModel, images: torch.Tensor, args: Dict[
     save_image(grid, path)
 
 
-__all__ = ["train", "TrainResult", "ResumeError", "TrainingDiverged", "lr_at", "param_groups",
-           "init_distributed", "LAST"]
+__all__ = ["train", "TrainResult", "ResumeError", "TrainingDiverged", "PeerStopped", "trim_log",
+           "lr_at", "param_groups", "init_distributed", "LAST"]

@@ -31,8 +31,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
+from itpn_d2.data.images import to_rgb
 from itpn_d2.errors import UserError
 
 from .data import (MAX_CONSECUTIVE_BAD, Crop, DataError, PathLike, PretrainImages,
@@ -52,15 +53,6 @@ def check_decode_device(decode: str, device: torch.device) -> None:
     if decode == "gpu" and device.type != "cuda":
         raise DecodeDeviceError(f"--decode gpu needs a CUDA device, got {device}; use "
                                 f"--decode cpu (the default) on this machine")
-
-
-def exif_rgb(img: Image.Image) -> Image.Image:
-    """``img`` upright (EXIF orientation applied) and in RGB.
-
-    TODO(merge): the hardening work adds one image-loading function with EXIF and mode
-    handling to ``pretrain/data.py``; this fallback must then use it.
-    """
-    return ImageOps.exif_transpose(img).convert("RGB")
 
 
 def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -130,7 +122,7 @@ def read_sample(path: str, seed: int, scale: Tuple[float, float], hflip: bool
             if orientation in (5, 6, 7, 8):
                 w, h = h, w
             return EncodedSample(data, orientation, sample_crop(seed, w, h, scale, hflip), path)
-        upright = exif_rgb(img)
+        upright = to_rgb(img)
     return EncodedSample(b"", 1, sample_crop(seed, upright.width, upright.height, scale, hflip),
                          path, to_uint8_tensor(upright))
 
@@ -222,7 +214,7 @@ class GPUDecoder:
         self.cpu_fallbacks += 1
         try:
             with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
-                return to_uint8_tensor(exif_rgb(img)).to(self.device)
+                return to_uint8_tensor(to_rgb(img)).to(self.device)
         except (OSError, ValueError, SyntaxError) as e:
             raise DataError(f"cannot decode {path} ({type(e).__name__}: {e}): re-encode or "
                             f"remove the file, or train with --decode cpu (which skips it)")

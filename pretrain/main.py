@@ -11,9 +11,10 @@ Examples (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
 if __name__ == "__main__":
     # OpenMP threads that wait passively (sleep instead of spinning) keep CPU training fast when
@@ -25,11 +26,87 @@ if __name__ == "__main__":
         # Run as a script: make the repository root (the parent of pretrain/) importable.
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from itpn_d2.checkpoint import CheckpointError  # noqa: E402
-from pretrain.data import DataError  # noqa: E402
-from pretrain.engine import TrainingDiverged, TrainResult, train  # noqa: E402
+from itpn_d2.errors import DEBUG_ENV, EXIT_USER_ERROR, run_cli  # noqa: E402
+from pretrain.engine import PeerStopped, TrainResult, train  # noqa: E402
 from pretrain.gpu_data import DECODE_CHOICES  # noqa: E402
-from pretrain.models import DECODER_SIZES, MFM_LOSSES, MFM_MODES, TeacherError  # noqa: E402
+from pretrain.models import (DECODER_SIZES, MFM_LOSSES, MFM_MODES, SettingsError,  # noqa: E402
+                             num_visible)
+
+
+# --------------------------------------------------------------------------- flag types
+# argparse turns the ArgumentTypeError of a type= helper into "argument --flag: <message>".
+
+
+def number_type(kind: type, low: Optional[float] = None, high: Optional[float] = None,
+            low_open: bool = False, high_open: bool = True,
+            multiple_of: Optional[int] = None) -> Callable[[str], Any]:
+    """A ``type=`` helper: ``kind(text)`` within ``[low, high)`` (ends per ``*_open``)."""
+    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+    if low is not None and high is not None:
+        want = f"in {lo}{low}, {high}{hi}"
+    elif low is not None:
+        want = f"{'>' if low_open else '>='} {low}"
+    else:
+        want = "a number"
+    if multiple_of:
+        want = f"a multiple of {multiple_of}, {want}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        bad = not math.isfinite(value)
+        bad |= low is not None and (value < low or (low_open and value == low))
+        bad |= high is not None and (value > high or (high_open and value == high))
+        bad |= bool(multiple_of) and value % multiple_of != 0
+        if bad:
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = number_type(int, 1)
+COUNT = number_type(int, 0)  # >= 0
+FRACTION = number_type(float, 0, 1)  # [0, 1)
+POSITIVE = number_type(float, 0, low_open=True)
+NON_NEGATIVE = number_type(float, 0)
+
+
+def device_type(text: str) -> str:
+    import torch
+
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}") from None
+    return text
+
+
+# A rank that stops silently (rank 0 reports the error) waits this long before it exits:
+# torchrun terminates the other processes as soon as one exits, which could cut rank 0 short.
+QUIET_EXIT_DELAY_S = 1.0
+
+
+def _wait_for_rank0() -> None:
+    import time
+
+    time.sleep(QUIET_EXIT_DELAY_S)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags give one ``error:`` line; under torchrun only rank 0 prints it (every rank
+    parses the same command line)."""
+
+    def error(self, message: str):
+        if os.environ.get("RANK", "0") == "0":
+            message = message[len("argument "):] if message.startswith("argument ") else message
+            print(f"error: {message} (see --help)", file=sys.stderr)
+        else:
+            _wait_for_rank0()
+        sys.exit(EXIT_USER_ERROR)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -42,46 +119,46 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         "iTPN pretraining", formatter_class=_HelpFormatter,
         description="Train HiViT + the integral pyramid by masked image modeling (pixels) and "
                     "masked feature modeling (every pyramid level predicts teacher features).")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="itpn_base", choices=sorted(DECODER_SIZES),
                    help="iTPN size")
-    g.add_argument("--input_size", type=int, default=None,
+    g.add_argument("--input_size", type=number_type(int, 16, multiple_of=16), default=None,
                    help="image side, a multiple of 16 (default: 224; 128 on the toy dataset, "
                         "whose images are 128 px)")
-    g.add_argument("--drop_path", type=float, default=0.0, help="stochastic depth rate")
+    g.add_argument("--drop_path", type=FRACTION, default=0.0, help="stochastic depth rate")
     g.add_argument("--rpe", action=argparse.BooleanOptionalAction, default=False,
                    help="relative position bias in the attention blocks")
-    g.add_argument("--fpn_depth", type=int, default=2,
+    g.add_argument("--fpn_depth", type=POSITIVE_INT, default=2,
                    help="MLP blocks after each top-down fusion of the pyramid")
-    g.add_argument("--layer_scale_init", type=float, default=None,
+    g.add_argument("--layer_scale_init", type=POSITIVE, default=None,
                    help="initial layer-scale value (default: no layer scale)")
     g.add_argument("--pyramid", choices=("on", "off"), default="on",
                    help="'off': the HiViT + MAE baseline without pyramid (needs --mfm none); "
                         "its checkpoint then holds a backbone only")
-    g.add_argument("--decoder_dim", type=int, default=None,
+    g.add_argument("--decoder_dim", type=POSITIVE_INT, default=None,
                    help="pixel decoder width (default per model: nano 128, tiny 256, else 512)")
-    g.add_argument("--decoder_depth", type=int, default=None,
+    g.add_argument("--decoder_depth", type=POSITIVE_INT, default=None,
                    help="pixel decoder blocks (default per model: nano 2, tiny 4, else 8)")
-    g.add_argument("--decoder_heads", type=int, default=None,
+    g.add_argument("--decoder_heads", type=POSITIVE_INT, default=None,
                    help="pixel decoder heads (default per model: nano 4, tiny 8, else 16)")
 
     g = p.add_argument_group("masked image / feature modeling")
-    g.add_argument("--mask_ratio", type=float, default=0.75,
+    g.add_argument("--mask_ratio", type=number_type(float, 0, 1, low_open=True), default=0.75,
                    help="fraction of 16x16 tokens masked (dropped from the encoder)")
     g.add_argument("--mfm", choices=MFM_MODES, default="ema",
                    help="teacher of masked feature modeling: 'ema' momentum copy of the backbone, "
                         "'clip' frozen open_clip image encoder, 'none' pixels only")
-    g.add_argument("--mfm_weight", type=float, default=1.0,
+    g.add_argument("--mfm_weight", type=NON_NEGATIVE, default=1.0,
                    help="total loss = MIM + mfm_weight x mean over levels of MFM")
     g.add_argument("--mfm_loss", choices=MFM_LOSSES, default="smooth_l1",
                    help="MFM loss on layer-normalised teacher features")
-    g.add_argument("--mfm_dim", type=int, default=None,
+    g.add_argument("--mfm_dim", type=POSITIVE_INT, default=None,
                    help="MFM head width (default per model: nano 128, else 256)")
-    g.add_argument("--ema_momentum", type=float, default=0.996,
+    g.add_argument("--ema_momentum", type=FRACTION, default=0.996,
                    help="EMA teacher momentum at step 0, cosine-scheduled to 1.0")
     g.add_argument("--teacher", default="ViT-B-16",
                    help="open_clip model name of the CLIP teacher (--mfm clip)")
@@ -90,23 +167,24 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "image tower); required by --mfm clip, never downloaded (default: none)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=int, default=64,
+    g.add_argument("--batch_size", type=POSITIVE_INT, default=64,
                    help="images per process per iteration; effective batch = batch_size x "
                         "accum_iter x world size")
-    g.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation iterations")
-    g.add_argument("--epochs", type=int, default=1600,
+    g.add_argument("--accum_iter", type=POSITIVE_INT, default=1,
+                   help="gradient accumulation iterations")
+    g.add_argument("--epochs", type=POSITIVE_INT, default=1600,
                    help="training epochs (sets the LR and EMA schedules)")
-    g.add_argument("--warmup_epochs", type=float, default=40, help="linear warm-up (epochs)")
-    g.add_argument("--blr", type=float, default=1.5e-4,
+    g.add_argument("--warmup_epochs", type=NON_NEGATIVE, default=40, help="linear warm-up (epochs)")
+    g.add_argument("--blr", type=POSITIVE, default=1.5e-4,
                    help="base learning rate: lr = blr x effective batch / 256")
-    g.add_argument("--lr", type=float, default=None,
+    g.add_argument("--lr", type=POSITIVE, default=None,
                    help="absolute learning rate (default: derived from --blr)")
-    g.add_argument("--min_lr", type=float, default=0.0, help="end of the cosine schedule")
-    g.add_argument("--weight_decay", type=float, default=0.05,
+    g.add_argument("--min_lr", type=NON_NEGATIVE, default=0.0, help="end of the cosine schedule")
+    g.add_argument("--weight_decay", type=NON_NEGATIVE, default=0.05,
                    help="AdamW weight decay (not on norms, biases, positions, layer scale)")
-    g.add_argument("--opt_betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("B1", "B2"),
+    g.add_argument("--opt_betas", type=FRACTION, nargs=2, default=(0.9, 0.95), metavar=("B1", "B2"),
                    help="AdamW betas")
-    g.add_argument("--clip_grad", type=float, default=None,
+    g.add_argument("--clip_grad", type=POSITIVE, default=None,
                    help="max gradient norm (default: no clipping)")
     g.add_argument("--amp", choices=("bf16", "fp16", "off"), default=None,
                    help="autocast precision (default: bf16 on GPU, off on CPU); fp16 uses a "
@@ -117,7 +195,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_path", default=None,
                    help="ImageFolder tree (its train/ subfolder if present) or flat folder of "
                         "images; default: the toy dataset (written on first use)")
-    g.add_argument("--num_workers", type=int, default=None,
+    g.add_argument("--num_workers", type=COUNT, default=None,
                    help="data loading processes per training process (default: 0 on the CPU, "
                         "where decoding in the training process costs less than competing for "
                         "the cores; min(8, CPU cores / processes per node) on GPU)")
@@ -125,7 +203,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="where JPEGs are decoded and cropped: 'cpu' in the loader workers (PIL), "
                         "'gpu' in the training process with nvjpeg (needs CUDA; workers only "
                         "read file bytes; other files fall back to PIL)")
-    g.add_argument("--max_bad_fraction", type=float, default=0.01,
+    g.add_argument("--max_bad_fraction", type=number_type(float, 0, 1, high_open=False),
+                   default=0.01,
                    help="stop when more than this fraction of an epoch's images are unreadable "
                         "(each one is skipped with a warning)")
 
@@ -134,46 +213,82 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="checkpoints, log.txt, reconstruction grids")
     g.add_argument("--log_dir", default=None,
                    help="TensorBoard folder parent (default: output_dir)")
-    g.add_argument("--device", default=None,
+    g.add_argument("--device", default=None, type=device_type,
                    help="cuda or cpu (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
-    g.add_argument("--seed", type=int, default=0,
+    g.add_argument("--seed", type=number_type(int, 0, 2 ** 31), default=0,
                    help="seed of initialisation, data order, augmentation and masking "
                         "(rank r uses seed + r for its own random streams)")
     g.add_argument("--resume", default=None,
                    help="checkpoint to continue from (default: none, or see --auto_resume)")
     g.add_argument("--auto_resume", action="store_true",
                    help="continue from output_dir/checkpoint-last.pth if it exists")
-    g.add_argument("--save_every", type=int, default=1,
+    g.add_argument("--save_every", type=POSITIVE_INT, default=1,
                    help="write checkpoint-last.pth every N epochs (and always at the end)")
-    g.add_argument("--keep_every", type=int, default=0,
+    g.add_argument("--keep_every", type=COUNT, default=0,
                    help="also keep checkpoint-EPOCH.pth every N epochs (0: never)")
-    g.add_argument("--log_every", type=int, default=20,
+    g.add_argument("--log_every", type=POSITIVE_INT, default=20,
                    help="steps between log points (loss sync, TensorBoard, progress)")
-    g.add_argument("--vis_images", type=int, default=8,
+    g.add_argument("--vis_images", type=COUNT, default=8,
                    help="images in the reconstruction grid written each epoch (0: none)")
-    g.add_argument("--max_steps", type=int, default=None,
-                   help="stop after this many optimizer steps in all, counted from the start of "
-                        "training, and save a checkpoint (default: run all epochs)")
+    g.add_argument("--debug", action="store_true",
+                   help=f"show the traceback of expected errors too (same as {DEBUG_ENV}=1)")
+    g.add_argument("--max_steps", type=POSITIVE_INT, default=None,
+                   help="stop after this many optimizer steps (>= 1) in all, counted from the "
+                        "start of training, and save a checkpoint (default: run all epochs)")
     return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Checks that involve several flags (single flags are checked as they are parsed)."""
+    if args.min_lr is not None and args.lr is not None and args.min_lr > args.lr:
+        raise SettingsError(f"--min_lr {args.min_lr:g} is above --lr {args.lr:g}")
+    if args.input_size is not None:
+        try:
+            num_visible((args.input_size // 16) ** 2, args.mask_ratio)
+        except ValueError as e:
+            raise SettingsError(f"--input_size {args.input_size} with --mask_ratio "
+                                f"{args.mask_ratio:g}: {e}; use a larger --input_size") from None
+    if args.mfm != "clip" and args.teacher_checkpoint is not None:
+        raise SettingsError(f"--teacher_checkpoint is only read by --mfm clip (now --mfm "
+                            f"{args.mfm}); drop it or add --mfm clip")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise SettingsError(f"--output_dir {args.output_dir} is a file, not a folder")
 
 
 def main(argv: Optional[List[str]] = None) -> TrainResult:
     """Parse ``argv`` and train; errors propagate (see :func:`cli` for the command line)."""
     args = get_args_parser().parse_args(argv)
-    for key in ("save_every", "log_every"):
-        if getattr(args, key) < 1:
-            raise ValueError(f"--{key} must be >= 1")
-    return train(vars(args))
+    try:
+        check_args(args)
+    except SettingsError:
+        if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports it
+            raise PeerStopped() from None
+        raise
+    return train({k: v for k, v in vars(args).items() if k != "debug"})
 
 
 def cli(argv: Optional[List[str]] = None) -> int:
-    """Command-line entry: known errors become one clear message and exit status 1."""
+    """Command-line entry: expected errors become one ``error:`` line and exit status 2."""
+    def entry() -> int:
+        try:
+            main(argv)
+        except PeerStopped:  # another process of the job prints the error
+            _wait_for_rank0()
+            return EXIT_USER_ERROR
+        return 0
+
+    argv = sys.argv[1:] if argv is None else argv
+    if "--debug" not in argv:
+        return run_cli(entry)
+    before = os.environ.get(DEBUG_ENV)
+    os.environ[DEBUG_ENV] = "1"  # run_cli reads it
     try:
-        main(argv)
-    except (DataError, TeacherError, CheckpointError, TrainingDiverged, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return run_cli(entry)
+    finally:
+        if before is None:
+            del os.environ[DEBUG_ENV]
+        else:
+            os.environ[DEBUG_ENV] = before
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from itpn_d2.checkpoint import CheckpointError, load_torch_file
 from itpn_d2.errors import UserError
 from itpn_d2.modeling import ITPN, HiViT, build_itpn, map_to_tokens
 from itpn_d2.modeling.layers import (AttentionBlock, LayerNorm, gather_tokens, init_weights,
@@ -76,6 +77,10 @@ DECODER_SIZES: Dict[str, DecoderSize] = {
     "itpn_base": DecoderSize(512, 8, 16, 256, 8),
     "itpn_large": DecoderSize(512, 8, 16, 256, 8),
 }
+
+
+class SettingsError(UserError, ValueError):
+    """A pretraining flag value, or a combination of them, that cannot work."""
 
 
 class TeacherError(UserError, ValueError):
@@ -396,17 +401,25 @@ class ClipTeacher(nn.Module):
             raise TeacherError(f"open_clip model {name!r} has a {type(visual).__name__} image "
                                f"tower; the CLIP teacher needs a plain VisionTransformer")
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise TeacherError(f"cannot read teacher checkpoint {path}: "
-                               f"{type(e).__name__}: {e}") from e
+            obj = load_torch_file(path)
+        except CheckpointError as e:
+            raise TeacherError(f"cannot read teacher checkpoint (--teacher_checkpoint): "
+                               f"{e}") from None
         sd = _unwrap_state_dict(obj)
-        missing, unexpected = visual.load_state_dict(sd, strict=False)
-        if missing or unexpected:
+        expected = visual.state_dict()
+        missing = [k for k in expected if k not in sd]
+        unexpected = [k for k in sd if k not in expected]
+        mismatched = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                      if k in sd and tuple(getattr(sd[k], "shape", ())) != tuple(v.shape)]
+        if missing or unexpected or mismatched:
+            parts = [f"{title} {keys[:3]}{' ...' if len(keys) > 3 else ''}" for title, keys in
+                     (("missing", missing), ("unexpected", unexpected),
+                      ("shape mismatch", mismatched)) if keys]
             raise TeacherError(
-                f"teacher checkpoint {path} does not fit open_clip {name!r}: "
-                f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
-                f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+                f"teacher checkpoint {path} does not fit open_clip {name!r} ({', '.join(parts)}): "
+                f"it holds another model; pass --teacher with the open_clip model it was saved "
+                f"from, or a --teacher_checkpoint of {name!r}")
+        visual.load_state_dict(sd)
         self.visual = visual.requires_grad_(False)
         self.name = name
         self.image_size = tuple(visual.image_size)
@@ -565,22 +578,27 @@ def build_teacher(args: Mapping[str, Any], encoder: ITPN) -> Optional[nn.Module]
     if args["mfm"] == "none":
         return None
     if args["pyramid"] != "on":
-        raise ValueError(f"--mfm {args['mfm']} supervises the pyramid levels, but --pyramid off "
+        raise SettingsError(f"--mfm {args['mfm']} supervises the pyramid levels, but --pyramid off "
                          f"trains without pyramid (the HiViT + MAE baseline): use --mfm none")
     if args["mfm"] == "ema":
         return EMATeacher(encoder.backbone)
     if args["mfm"] == "clip":
         return ClipTeacher(args["teacher"], args.get("teacher_checkpoint"))
-    raise ValueError(f"unknown --mfm {args['mfm']!r}; choose from {MFM_MODES}")
+    raise SettingsError(f"unknown --mfm {args['mfm']!r}; choose from {MFM_MODES}")
 
 
 def build_pretrain_model(args: Mapping[str, Any]) -> PretrainModel:
     """The pretraining model for the CLI settings ``args`` (a dict, see ``pretrain/main.py``)."""
     if args["model"] not in DECODER_SIZES:
-        raise KeyError(f"unknown model {args['model']!r}; available: {', '.join(DECODER_SIZES)}")
+        raise SettingsError(f"unknown model {args['model']!r}; available: "
+                            f"{', '.join(DECODER_SIZES)}")
     encoder = build_itpn(args["model"], **encoder_overrides(args))
     size = decoder_size(args)
     teacher = build_teacher(args, encoder)
-    return PretrainModel(encoder, size.dim, size.depth, size.heads, teacher, size.mfm_dim,
-                         size.mfm_heads, args.get("mfm_weight", 1.0),
-                         args.get("mfm_loss", "smooth_l1"))
+    try:
+        return PretrainModel(encoder, size.dim, size.depth, size.heads, teacher, size.mfm_dim,
+                             size.mfm_heads, args.get("mfm_weight", 1.0),
+                             args.get("mfm_loss", "smooth_l1"))
+    except (ValueError, AssertionError) as e:  # widths that do not divide (decoder heads, MFM)
+        raise SettingsError(f"the decoder / MFM head sizes do not fit together: {e} "
+                            f"(--decoder_dim, --decoder_heads, --mfm_dim)") from e

@@ -128,12 +128,12 @@ def test_bad_input_errors(images, tmp_path):
         _run(images, tmp_path / "o", "--pyramid", "off")
     with pytest.raises(DataError, match="fewer than batch_size"):
         _run(images, tmp_path / "o", "--batch_size", "64")
-    # The command line turns it into one line on stderr and exit status 1.
+    # The command line turns it into one line on stderr and exit status 2.
     proc = subprocess.run(
         [sys.executable, "pretrain/main.py", "--model", "itpn_nano", "--mfm", "clip",
          "--data_path", str(images), "--batch_size", "8", "--output_dir", str(tmp_path / "o")],
         cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: --mfm clip needs --teacher_checkpoint")
 
 
@@ -198,7 +198,7 @@ def test_reconstruction_grid_export_and_tools(images, tmp_path, capsys):
     visualize = _tool("visualize_reconstruction")
     assert visualize.main([str(ckpt), *files, "--out", str(vis)]) == 0
     assert Image.open(vis).size == (3 * 64 + 4, 3 * 64 + 4)
-    assert visualize.main([str(out), files[0], "--out", str(vis)]) == 1
+    assert visualize.main([str(out), files[0], "--out", str(vis)]) == 2
     assert "no pixel decoder" in capsys.readouterr().err
 
 

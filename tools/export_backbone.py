@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from itpn_d2.checkpoint import (D2_LOAD_FLAGS, CheckpointError, load_checkpoint,  # noqa: E402
                                 metadata_of, model_from_checkpoint, model_metadata,
                                 save_checkpoint)
+from itpn_d2.errors import DiskFullError, UserError, run_cli  # noqa: E402
 
 TRAINING_ONLY = ("drop_path_rate", "use_checkpoint")
 
@@ -37,20 +38,29 @@ def export_backbone(src: str, dst: str) -> dict:
                             meta["pixel_std"], meta["channel_order"]),
            **D2_LOAD_FLAGS}
     model_from_checkpoint(out)  # the exact keys and shapes build_itpn expects
-    save_checkpoint(out, dst)
+    if os.path.isdir(dst):
+        raise UserError(f"output {dst} is a folder; give a file name, e.g. {dst}/backbone.pth")
+    try:
+        save_checkpoint(out, dst)
+    except DiskFullError:
+        raise
+    except OSError as e:
+        raise UserError(f"cannot write {dst}: {e.strerror or e}; choose another output "
+                        f"path") from None
     return out
 
 
 def main(argv=None) -> int:
+    """The command line; expected errors give one ``error:`` line and exit status 2."""
+    return run_cli(lambda: _main(argv))
+
+
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="pretraining checkpoint (pretrain/main.py)")
     p.add_argument("output", help="where to write the backbone + pyramid checkpoint")
     args = p.parse_args(argv)
-    try:
-        out = export_backbone(args.checkpoint, args.output)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    out = export_backbone(args.checkpoint, args.output)
     n = sum(v.numel() for v in out["model"].values())
     pyramid = "with" if any(k.startswith("pyramid.") for k in out["model"]) else "without"
     print(f"wrote {args.output}: {out['model_name']} {out['model_overrides']}, "
