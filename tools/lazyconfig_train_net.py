@@ -13,8 +13,17 @@ checkpoint or a Detectron2 checkpoint of the detector (:class:`ITPNCheckpointer`
 continues from ``train.output_dir/last_checkpoint`` with optimizer, scheduler and iteration.
 Mixed precision (``train.amp``) runs on CUDA; on CPU the plain ``SimpleTrainer`` is used.
 Toy datasets (``itpn_toy_*``) are registered from ``$ITPN_TOY_ROOT`` when a config uses them.
+
+Overrides are checked (:func:`itpn_d2.d2.config.load_config`: unknown keys are an error naming
+the closest one) and so are the ``train.*`` values; expected errors end as one ``error:`` line
+(``ITPN_DEBUG=1``: traceback), also in the workers of ``--num-gpus`` > 1. ``--resume`` and
+``--eval-only`` may also follow the overrides. Rank 0 locks ``train.output_dir`` for the run.
+Unreadable training images are skipped up to ``train.max_bad_image_fraction``.
+``--eval-only`` with an empty ``train.init_checkpoint`` needs ``train.eval_random_init=True``.
 """
 
+import contextlib
+import json
 import logging
 import sys
 from pathlib import Path
@@ -31,8 +40,13 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format  # noqa
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
+from itpn_d2.checkpoint import lock_run_dir, remove_stale_temporaries  # noqa: E402
 from itpn_d2.d2 import ITPNCheckpointer  # noqa: E402
-from itpn_d2.d2.data import prepare_datasets  # noqa: E402
+from itpn_d2.d2.bad_images import BadImageHook, instantiate_train_loader, name_bad_json  # noqa: E402
+from itpn_d2.d2.cli import launch_cli  # noqa: E402
+from itpn_d2.d2.config import (ConfigError, check_train_config, eval_checkpoint_problem,  # noqa: E402
+                               load_config, move_trailing_flags)
+from itpn_d2.d2.data import config_dataset_names, prepare_datasets  # noqa: E402
 
 logger = logging.getLogger("itpn_d2")
 
@@ -52,11 +66,9 @@ def make_trainer(cfg, model, data_loader, optimizer):
         if amp.get("enabled", False):
             logger.info("train.amp.enabled is ignored on %s: training in float32", cfg.train.device)
         return SimpleTrainer(model, data_loader, optimizer)
-    precision = amp.get("precision", "auto")
+    precision = amp.get("precision", "auto")  # checked by check_train_config
     if precision == "auto":
         precision = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if precision not in ("bfloat16", "float16"):
-        raise ValueError(f"train.amp.precision must be auto, bfloat16 or float16, got {precision!r}")
     dtype = getattr(torch, precision)
     # bfloat16 has float32's range: no loss scaling needed.
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
@@ -64,11 +76,21 @@ def make_trainer(cfg, model, data_loader, optimizer):
     return AMPTrainer(model, data_loader, optimizer, grad_scaler=scaler, precision=dtype)
 
 
+@contextlib.contextmanager
+def json_errors_named(cfg, split):
+    """A dataset JSON that does not parse: name the file (json's error does not)."""
+    try:
+        yield
+    except json.JSONDecodeError as e:
+        raise name_bad_json(config_dataset_names(cfg, (split,)), e) from None
+
+
 def do_test(cfg, model):
     if "evaluator" not in cfg.dataloader:
         return {}
-    ret = inference_on_dataset(model, instantiate(cfg.dataloader.test),
-                               instantiate(cfg.dataloader.evaluator))
+    with json_errors_named(cfg, "test"):
+        loader = instantiate(cfg.dataloader.test)
+    ret = inference_on_dataset(model, loader, instantiate(cfg.dataloader.evaluator))
     print_csv_format(ret)
     return ret
 
@@ -80,7 +102,9 @@ def do_train(args, cfg):
 
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
-    train_loader = instantiate(cfg.dataloader.train)
+    with json_errors_named(cfg, "train"):
+        train_loader, bad_images = instantiate_train_loader(
+            cfg.dataloader.train, cfg.train.get("max_bad_image_fraction", 0.01))
 
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer = make_trainer(cfg, model, train_loader, optimizer)
@@ -94,6 +118,7 @@ def do_train(args, cfg):
         # eval_period > 0: every eval_period iterations and after the last; 0: never.
         hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model))
         if cfg.train.eval_period > 0 else None,
+        BadImageHook(bad_images, period=cfg.train.log_period),
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
                              period=cfg.train.log_period)
         if comm.is_main_process() else None,
@@ -104,9 +129,30 @@ def do_train(args, cfg):
     trainer.train(start_iter, cfg.train.max_iter)
 
 
+def load_checked_config(args):
+    """The config with checked overrides and ``train.*`` values (raises ConfigError)."""
+    move_trailing_flags(args)
+    cfg = load_config(args.config_file, args.opts)
+    check_train_config(cfg, world_size=args.num_gpus * args.num_machines,
+                       eval_only=args.eval_only)
+    return cfg
+
+
 def main(args):
-    cfg = LazyConfig.load(args.config_file)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    cfg = load_checked_config(args)
+    with contextlib.ExitStack() as stack:
+        if comm.is_main_process():  # one run per output folder; the kernel frees it on exit
+            stack.enter_context(lock_run_dir(cfg.train.output_dir))
+            remove_stale_temporaries(cfg.train.output_dir)
+        return run(args, cfg)
+
+
+def run(args, cfg):
+    if args.eval_only:
+        resume = args.resume and Path(cfg.train.output_dir, "last_checkpoint").is_file()
+        problem = eval_checkpoint_problem(cfg, resume_available=resume)
+        if problem:
+            raise ConfigError(problem)
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="itpn_d2")
     resolve_device(cfg)
@@ -120,17 +166,24 @@ def main(args):
                                         check_inputs=cfg.train.get("check_inputs", "error"))
         if args.resume and checkpointer.has_checkpoint():
             checkpointer.load(checkpointer.get_checkpoint_file(), checkpointables=[])
-        else:
+        elif cfg.train.init_checkpoint:
             checkpointer.load(cfg.train.init_checkpoint)
+        else:
+            logger.warning("train.eval_random_init=True: evaluating randomly initialised weights")
         return do_test(cfg, model)
     do_train(args, cfg)
 
 
-def invoke_main() -> None:
+def invoke_main() -> int:
     args = default_argument_parser().parse_args()
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    if args.num_gpus * args.num_machines > 1:  # config errors once, before the workers start
+        from itpn_d2.errors import run_cli
+
+        status = run_cli(lambda: load_checked_config(args) and None)
+        if status:
+            return status
+    return launch_cli(main, args)
 
 
 if __name__ == "__main__":
-    invoke_main()
+    sys.exit(invoke_main())

@@ -26,11 +26,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.config import instantiate  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 from itpn_d2.d2 import ITPNCheckpointer  # noqa: E402
+from itpn_d2.d2.cli import InputFileError  # noqa: E402
+from itpn_d2.d2.config import ConfigError, load_config  # noqa: E402
 from itpn_d2.d2.semseg_data import read_label_png  # noqa: E402
 
 
@@ -69,13 +71,16 @@ def draw_sem_seg(image: np.ndarray, labels: np.ndarray, metadata, opacity: float
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     args = parse_args(argv)
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    if args.num_images < 1 or not 0 <= args.opacity <= 1:
+        raise ConfigError(f"--num-images must be >= 1 and --opacity in [0, 1], got "
+                          f"{args.num_images} and {args.opacity}")
+    cfg = load_config(args.config_file, args.opts)
     dataset = _test_dataset(cfg)
     metadata = MetadataCatalog.get(dataset)
     if args.input:
         for path in args.input:
             if not Path(path).is_file():
-                raise FileNotFoundError(f"input image {path} does not exist")
+                raise InputFileError(f"input image {path} does not exist")
         records = [{"file_name": path} for path in args.input]
     else:
         records = DatasetCatalog.get(dataset)[:args.num_images]
@@ -107,4 +112,6 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    from itpn_d2.errors import run_cli
+
+    sys.exit(run_cli(lambda: main() and 0))
