@@ -169,7 +169,7 @@ def test_bad_images_are_skipped_counted_and_stop_above_the_fraction(toy_root, tm
     records[1]["file_name"] = str(tmp_path / "missing.png")
     mapper = DatasetMapper(is_train=True, augmentations=[], image_format="RGB",
                            use_instance_mask=True, instance_mask_format="bitmask")
-    guard = SkipBadImages(mapper, len(records), max_fraction=0.2)
+    guard = SkipBadImages(mapper, len(records), max_fraction=0.5)
     loader = build_detection_train_loader(records, mapper=guard, total_batch_size=4,
                                           num_workers=2, aspect_ratio_grouping=False)
     batches = []

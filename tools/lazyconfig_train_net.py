@@ -148,15 +148,15 @@ def main(args):
 
 
 def run(args, cfg):
+    default_setup(cfg, args)
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="itpn_d2")
+    resolve_device(cfg)
+    prepare_datasets(cfg, splits=("test",) if args.eval_only else ("train", "test"))
     if args.eval_only:
         resume = args.resume and Path(cfg.train.output_dir, "last_checkpoint").is_file()
         problem = eval_checkpoint_problem(cfg, resume_available=resume)
         if problem:
             raise ConfigError(problem)
-    default_setup(cfg, args)
-    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="itpn_d2")
-    resolve_device(cfg)
-    prepare_datasets(cfg, splits=("test",) if args.eval_only else ("train", "test"))
 
     if args.eval_only:
         model = instantiate(cfg.model)
