@@ -60,6 +60,16 @@ def resolve_device(cfg) -> str:
     return device
 
 
+def ddp_options(cfg, model, **options):
+    """Options of ``create_ddp_model``; CPU processes take no ``device_ids`` (DDP refuses them)."""
+    if cfg.train.device.startswith("cuda") or comm.get_world_size() == 1:
+        return options
+    if any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()):
+        raise ConfigError("the model has SyncBatchNorm layers (norm='SyncBN'), which need CUDA: "
+                          "on the CPU run one process (--num-gpus 1) or use norm='BN'")
+    return {**options, "device_ids": None}
+
+
 def make_trainer(cfg, model, data_loader, optimizer):
     amp = cfg.train.get("amp", {})
     if not amp.get("enabled", False) or not cfg.train.device.startswith("cuda"):
@@ -106,7 +116,7 @@ def do_train(args, cfg):
         train_loader, bad_images = instantiate_train_loader(
             cfg.dataloader.train, cfg.train.get("max_bad_image_fraction", 0.01))
 
-    model = create_ddp_model(model, **cfg.train.ddp)
+    model = create_ddp_model(model, **ddp_options(cfg, model, **cfg.train.ddp))
     trainer = make_trainer(cfg, model, train_loader, optimizer)
     checkpointer = ITPNCheckpointer(model, cfg.train.output_dir, trainer=trainer,
                                     check_inputs=cfg.train.get("check_inputs", "error"))
@@ -161,7 +171,7 @@ def run(args, cfg):
     if args.eval_only:
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
-        model = create_ddp_model(model)
+        model = create_ddp_model(model, **ddp_options(cfg, model))
         checkpointer = ITPNCheckpointer(model, cfg.train.output_dir,
                                         check_inputs=cfg.train.get("check_inputs", "error"))
         if args.resume and checkpointer.has_checkpoint():
