@@ -3,12 +3,9 @@ launch workers), skipped bad images, EXIF-aligned labels, atomic checkpoints, ru
 
 import argparse
 import errno
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +15,14 @@ from PIL import Image
 
 pytest.importorskip("detectron2")
 
-from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader  # noqa: E402
+from detectron2.data import (DatasetCatalog, DatasetMapper,  # noqa: E402
+                             build_detection_train_loader)
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 from itpn_d2.checkpoint import CheckpointError, TEMP_SUFFIX, lock_run_dir  # noqa: E402
 from itpn_d2.d2.bad_images import BadImageHook, BadImagesError, SkipBadImages  # noqa: E402
-from itpn_d2.d2.config import (ConfigError, check_train_config, eval_checkpoint_problem,  # noqa: E402
-                               load_config, move_trailing_flags)
+from itpn_d2.d2.config import (ConfigError, check_train_config,  # noqa: E402
+                               eval_checkpoint_problem, load_config, move_trailing_flags)
 from itpn_d2.errors import DiskFullError, UserError  # noqa: E402
 
 from test_d2_tools import import_tool, tool_main  # noqa: E402

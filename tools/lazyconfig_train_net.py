@@ -23,7 +23,6 @@ Unreadable training images are skipped up to ``train.max_bad_image_fraction``.
 """
 
 import contextlib
-import json
 import logging
 import sys
 from pathlib import Path
@@ -32,21 +31,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.config import instantiate  # noqa: E402
 from detectron2.engine import (AMPTrainer, SimpleTrainer, create_ddp_model,  # noqa: E402
-                               default_argument_parser, default_setup, default_writers, hooks,
-                               launch)
+                               default_argument_parser, default_setup, default_writers, hooks)
 from detectron2.evaluation import inference_on_dataset, print_csv_format  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from itpn_d2.checkpoint import lock_run_dir, remove_stale_temporaries  # noqa: E402
 from itpn_d2.d2 import ITPNCheckpointer  # noqa: E402
-from itpn_d2.d2.bad_images import BadImageHook, instantiate_train_loader, name_bad_json  # noqa: E402
+from itpn_d2.d2.bad_images import (BadImageHook, instantiate_train_loader,  # noqa: E402
+                                   json_errors_named)
 from itpn_d2.d2.cli import launch_cli  # noqa: E402
-from itpn_d2.d2.config import (ConfigError, check_train_config, eval_checkpoint_problem,  # noqa: E402
-                               load_config, move_trailing_flags)
-from itpn_d2.d2.data import config_dataset_names, prepare_datasets  # noqa: E402
+from itpn_d2.d2.config import (ConfigError, check_train_config,  # noqa: E402
+                               eval_checkpoint_problem, load_config, move_trailing_flags)
+from itpn_d2.d2.data import prepare_datasets  # noqa: E402
 
 logger = logging.getLogger("itpn_d2")
 
@@ -84,15 +83,6 @@ def make_trainer(cfg, model, data_loader, optimizer):
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     logger.info("Mixed precision training in %s", precision)
     return AMPTrainer(model, data_loader, optimizer, grad_scaler=scaler, precision=dtype)
-
-
-@contextlib.contextmanager
-def json_errors_named(cfg, split):
-    """A dataset JSON that does not parse: name the file (json's error does not)."""
-    try:
-        yield
-    except json.JSONDecodeError as e:
-        raise name_bad_json(config_dataset_names(cfg, (split,)), e) from None
 
 
 def do_test(cfg, model):

@@ -26,6 +26,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from itpn_d2.d2 import ITPNCheckpointer  # noqa: E402
+from itpn_d2.d2.bad_images import json_errors_named  # noqa: E402
 from itpn_d2.d2.cli import InputFileError  # noqa: E402
 from itpn_d2.d2.config import ConfigError, load_config  # noqa: E402
 from itpn_d2.d2.data import config_dataset_names, prepare_datasets  # noqa: E402
@@ -58,7 +59,8 @@ def images_and_metadata(cfg, args):
             prepare_datasets(cfg, splits=("test",))
         return list(args.input), MetadataCatalog.get(names[0])
     prepare_datasets(cfg, splits=("test",))
-    dicts = DatasetCatalog.get(names[0])[:args.num_images]
+    with json_errors_named(cfg, "test"):
+        dicts = DatasetCatalog.get(names[0])[:args.num_images]
     return [d["file_name"] for d in dicts], MetadataCatalog.get(names[0])
 
 

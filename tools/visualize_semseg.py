@@ -28,12 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from detectron2.config import instantiate  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 from itpn_d2.d2 import ITPNCheckpointer  # noqa: E402
 from itpn_d2.d2.cli import InputFileError  # noqa: E402
 from itpn_d2.d2.config import ConfigError, load_config  # noqa: E402
-from itpn_d2.d2.semseg_data import read_label_png  # noqa: E402
+from itpn_d2.d2.semseg_data import align_label, exif_orientation, read_label_png  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -99,10 +100,12 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
         with torch.no_grad():
             logits = model([inputs])[0]["sem_seg"]
         pred = logits.argmax(dim=0).cpu().numpy()
-        image = np.asarray(Image.open(record["file_name"]).convert("RGB"))
+        image = read_image(record["file_name"], format="RGB")  # upright, as the mapper reads it
         panels = [draw_sem_seg(image, pred, metadata, args.opacity)]
         if "sem_seg_file_name" in record:
-            gt = read_label_png(record["sem_seg_file_name"])
+            gt = align_label(read_label_png(record["sem_seg_file_name"]),
+                             exif_orientation(record["file_name"]), image.shape[:2],
+                             record["sem_seg_file_name"], record["file_name"])
             panels.append(draw_sem_seg(image, gt, metadata, args.opacity))
         path = out_dir / f"{Path(record['file_name']).stem}.png"
         Image.fromarray(np.concatenate(panels, axis=1)).save(path)

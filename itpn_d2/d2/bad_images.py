@@ -12,10 +12,11 @@ A worker stops on its own counts too, so a dataset of only bad images cannot loo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing as mp
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 from detectron2.config import instantiate
 from detectron2.data import MetadataCatalog
@@ -25,10 +26,10 @@ from detectron2.utils import comm
 from detectron2.utils.registry import locate
 
 from ..errors import UserError
-from .data import DatasetError
+from .data import DatasetError, config_dataset_names
 
 __all__ = ["BAD_IMAGE_ERRORS", "BadImageHook", "BadImagesError", "SkipBadImages",
-           "instantiate_train_loader", "name_bad_json"]
+           "instantiate_train_loader", "json_errors_named", "name_bad_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -172,3 +173,13 @@ def name_bad_json(names: Sequence[str], error: json.JSONDecodeError) -> DatasetE
         except OSError:
             continue
     return DatasetError(f"a dataset JSON file of {', '.join(names)} is not valid JSON ({error})")
+
+
+@contextlib.contextmanager
+def json_errors_named(cfg, split: str) -> Iterator[None]:
+    """Turn a ``JSONDecodeError`` while loading ``dataloader.<split>``'s datasets into a
+    :class:`DatasetError` naming the file (json's own message does not)."""
+    try:
+        yield
+    except json.JSONDecodeError as e:
+        raise name_bad_json(config_dataset_names(cfg, (split,)), e) from None

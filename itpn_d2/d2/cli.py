@@ -1,4 +1,4 @@
-"""Running a Detectron2 tool: expected errors end as one ``error:`` line, also in ``launch`` workers.
+"""Running a Detectron2 tool: an expected error ends as one ``error:`` line, also in workers.
 
 :func:`itpn_d2.errors.run_cli` does this for one process. With ``--num-gpus``/``--num-machines``
 > 1 Detectron2's ``launch`` runs ``main`` in spawned workers, where an exception would print a
