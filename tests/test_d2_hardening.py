@@ -285,6 +285,12 @@ def _checkpointer(folder):
     return model, ITPNCheckpointer(model, str(folder), save_to_disk=True)
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_full_disk_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     import itpn_d2.checkpoint as ckpt_module
 
@@ -303,6 +309,8 @@ def test_full_disk_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert not (tmp_path / "model_0000002.pth").exists()
     assert (tmp_path / "model_0000001.pth").read_bytes() == good
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    for name in ("model_0000001.pth", "last_checkpoint"):  # as open() makes them, not 0600
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~_umask(), name
     assert not list(tmp_path.glob(f".*{TEMP_SUFFIX}"))
 
 

@@ -37,8 +37,8 @@ from tabulate import tabulate
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _IncompatibleKeys
 
-from ..checkpoint import (TEMP_SUFFIX, CheckpointError, METADATA_KEYS, load_checkpoint,
-                          metadata_of, model_metadata, save_checkpoint)
+from ..checkpoint import (TEMP_SUFFIX, CheckpointError, METADATA_KEYS, default_file_mode,
+                          load_checkpoint, metadata_of, model_metadata, save_checkpoint)
 from ..convert import PUBLISHED_HEADS, convert_official_state_dict, is_official_state_dict
 from ..modeling import ARCHS, ITPN
 from .optim import find_itpn_backbones
@@ -118,6 +118,7 @@ def _write_text_atomic(path: str, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
