@@ -218,6 +218,21 @@ def test_segmentation_mapper_skips_missing_label(toy_root, tmp_path):
     assert guard(record) is None and guard.counts() == (1, 1)
 
 
+def test_bad_test_image_stops_evaluation_with_one_message():
+    from itpn_d2.d2.bad_images import evaluation_image_errors
+    from itpn_d2.d2.data import DatasetError
+
+    with pytest.raises(DatasetError, match=r"^evaluation stopped at a bad test image: "
+                                           r"FileNotFoundError: \[Errno 2\] gone\.png; fix"):
+        with evaluation_image_errors():  # as a DataLoader worker's error reads
+            raise FileNotFoundError("Caught FileNotFoundError in DataLoader worker process 0."
+                                    "\nOriginal Traceback (most recent call last):\n  ...\n"
+                                    "FileNotFoundError: [Errno 2] gone.png")
+    with pytest.raises(OSError, match="No space left"):  # not a bad image
+        with evaluation_image_errors():
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
 def test_bad_dataset_json_names_its_file(toy_root, tmp_path, monkeypatch):
     from detectron2.data.datasets import register_coco_instances
 

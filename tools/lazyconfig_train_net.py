@@ -40,8 +40,8 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from itpn_d2.checkpoint import lock_run_dir, remove_stale_temporaries  # noqa: E402
 from itpn_d2.d2 import ITPNCheckpointer  # noqa: E402
-from itpn_d2.d2.bad_images import (BadImageHook, instantiate_train_loader,  # noqa: E402
-                                   json_errors_named)
+from itpn_d2.d2.bad_images import (BadImageHook, evaluation_image_errors,  # noqa: E402
+                                   instantiate_train_loader, json_errors_named)
 from itpn_d2.d2.cli import launch_cli  # noqa: E402
 from itpn_d2.d2.config import (ConfigError, check_train_config,  # noqa: E402
                                eval_checkpoint_problem, load_config, move_trailing_flags)
@@ -90,7 +90,8 @@ def do_test(cfg, model):
         return {}
     with json_errors_named(cfg, "test"):
         loader = instantiate(cfg.dataloader.test)
-    ret = inference_on_dataset(model, loader, instantiate(cfg.dataloader.evaluator))
+    with evaluation_image_errors():
+        ret = inference_on_dataset(model, loader, instantiate(cfg.dataloader.evaluator))
     print_csv_format(ret)
     return ret
 

@@ -25,11 +25,12 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 from detectron2.utils.registry import locate
 
-from ..errors import UserError
+from ..errors import UserError, disk_full_message
 from .data import DatasetError, config_dataset_names
 
 __all__ = ["BAD_IMAGE_ERRORS", "BadImageHook", "BadImagesError", "SkipBadImages",
-           "instantiate_train_loader", "json_errors_named", "name_bad_json"]
+           "evaluation_image_errors", "instantiate_train_loader", "json_errors_named",
+           "name_bad_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +174,22 @@ def name_bad_json(names: Sequence[str], error: json.JSONDecodeError) -> DatasetE
         except OSError:
             continue
     return DatasetError(f"a dataset JSON file of {', '.join(names)} is not valid JSON ({error})")
+
+
+@contextlib.contextmanager
+def evaluation_image_errors() -> Iterator[None]:
+    """A bad image during evaluation stops it with one message: skipping would score a subset.
+
+    (A DataLoader worker's error arrives with its traceback in the message: keep the last line.)
+    """
+    try:
+        yield
+    except BAD_IMAGE_ERRORS as e:
+        if isinstance(e, OSError) and disk_full_message(e):
+            raise
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise DatasetError(f"evaluation stopped at a bad test image: {last}; fix or remove it "
+                           f"from the test dataset") from None
 
 
 @contextlib.contextmanager
