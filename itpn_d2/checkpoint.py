@@ -89,6 +89,7 @@ def save_checkpoint(obj: Dict[str, Any], path: PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())  # mkstemp's 0600 would hide it from the group
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
@@ -97,6 +98,13 @@ def save_checkpoint(obj: Dict[str, Any], path: PathLike) -> None:
         if message:
             raise DiskFullError(message) from e
         raise
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def remove_stale_temporaries(folder: PathLike) -> List[Path]:

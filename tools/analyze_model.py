@@ -17,10 +17,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.config import instantiate  # noqa: E402
 from detectron2.utils.analysis import FlopCountAnalysis  # noqa: E402
 from fvcore.nn import flop_count_table, parameter_count  # noqa: E402
 from fvcore.nn.jit_handles import get_shape  # noqa: E402
+
+from itpn_d2.d2.config import ConfigError, load_config  # noqa: E402
+from itpn_d2.errors import run_cli  # noqa: E402
 
 
 def sdpa_flop_jit(inputs, outputs):
@@ -57,8 +60,10 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
     args = p.parse_args(argv)
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    cfg = load_config(args.config_file, args.opts)
     h, w = args.size
+    if h < 32 or w < 32 or args.max_depth < 0:
+        raise ConfigError(f"--size {h} {w} must be at least 32 x 32, --max-depth >= 0")
     params, bb_flops, flops, table = analyze(cfg, h, w, args.device, args.max_depth)
     print(table)
     print(f"input {h}x{w}: parameters {params / 1e6:.2f}M, backbone+pyramid {bb_flops / 1e9:.2f} "
@@ -66,4 +71,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -93,4 +93,6 @@ def cli(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    from itpn_d2.errors import run_cli
+
+    sys.exit(run_cli(cli))

@@ -11,8 +11,8 @@ Pretraining-only parts (pixel decoder, ``lm_head``, ``cls_pt_layers``...) are li
 import argparse
 import sys
 
-from itpn_d2.checkpoint import CheckpointError
 from itpn_d2.convert import convert_official_checkpoint
+from itpn_d2.errors import run_cli
 
 
 def main(argv=None) -> int:
@@ -24,14 +24,10 @@ def main(argv=None) -> int:
                         help="attention heads, for non-published widths without relative "
                              "position tables (otherwise inferred)")
     args = parser.parse_args(argv)
-    try:
-        convert_official_checkpoint(args.src, args.dst, num_heads=args.num_heads)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    convert_official_checkpoint(args.src, args.dst, num_heads=args.num_heads)
     print(f"wrote {args.dst}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -13,8 +13,16 @@ checkpoint or a Detectron2 checkpoint of the detector (:class:`ITPNCheckpointer`
 continues from ``train.output_dir/last_checkpoint`` with optimizer, scheduler and iteration.
 Mixed precision (``train.amp``) runs on CUDA; on CPU the plain ``SimpleTrainer`` is used.
 Toy datasets (``itpn_toy_*``) are registered from ``$ITPN_TOY_ROOT`` when a config uses them.
+
+Overrides are checked (:func:`itpn_d2.d2.config.load_config`: unknown keys are an error naming
+the closest one) and so are the ``train.*`` values; expected errors end as one ``error:`` line
+(``ITPN_DEBUG=1``: traceback), also in the workers of ``--num-gpus`` > 1. ``--resume`` and
+``--eval-only`` may also follow the overrides. Rank 0 locks ``train.output_dir`` for the run.
+Unreadable training images are skipped up to ``train.max_bad_image_fraction``.
+``--eval-only`` with an empty ``train.init_checkpoint`` needs ``train.eval_random_init=True``.
 """
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -23,15 +31,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.config import instantiate  # noqa: E402
 from detectron2.engine import (AMPTrainer, SimpleTrainer, create_ddp_model,  # noqa: E402
-                               default_argument_parser, default_setup, default_writers, hooks,
-                               launch)
+                               default_argument_parser, default_setup, default_writers, hooks)
 from detectron2.evaluation import inference_on_dataset, print_csv_format  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
+from itpn_d2.checkpoint import lock_run_dir, remove_stale_temporaries  # noqa: E402
 from itpn_d2.d2 import ITPNCheckpointer  # noqa: E402
+from itpn_d2.d2.bad_images import (BadImageHook, evaluation_image_errors,  # noqa: E402
+                                   instantiate_train_loader, json_errors_named)
+from itpn_d2.d2.cli import launch_cli  # noqa: E402
+from itpn_d2.d2.config import (ConfigError, check_train_config,  # noqa: E402
+                               eval_checkpoint_problem, load_config, move_trailing_flags)
 from itpn_d2.d2.data import prepare_datasets  # noqa: E402
 
 logger = logging.getLogger("itpn_d2")
@@ -46,17 +59,25 @@ def resolve_device(cfg) -> str:
     return device
 
 
+def ddp_options(cfg, model, **options):
+    """Options of ``create_ddp_model``; CPU processes take no ``device_ids`` (DDP refuses them)."""
+    if cfg.train.device.startswith("cuda") or comm.get_world_size() == 1:
+        return options
+    if any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()):
+        raise ConfigError("the model has SyncBatchNorm layers (norm='SyncBN'), which need CUDA: "
+                          "on the CPU run one process (--num-gpus 1) or use norm='BN'")
+    return {**options, "device_ids": None}
+
+
 def make_trainer(cfg, model, data_loader, optimizer):
     amp = cfg.train.get("amp", {})
     if not amp.get("enabled", False) or not cfg.train.device.startswith("cuda"):
         if amp.get("enabled", False):
             logger.info("train.amp.enabled is ignored on %s: training in float32", cfg.train.device)
         return SimpleTrainer(model, data_loader, optimizer)
-    precision = amp.get("precision", "auto")
+    precision = amp.get("precision", "auto")  # checked by check_train_config
     if precision == "auto":
         precision = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if precision not in ("bfloat16", "float16"):
-        raise ValueError(f"train.amp.precision must be auto, bfloat16 or float16, got {precision!r}")
     dtype = getattr(torch, precision)
     # bfloat16 has float32's range: no loss scaling needed.
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
@@ -67,8 +88,10 @@ def make_trainer(cfg, model, data_loader, optimizer):
 def do_test(cfg, model):
     if "evaluator" not in cfg.dataloader:
         return {}
-    ret = inference_on_dataset(model, instantiate(cfg.dataloader.test),
-                               instantiate(cfg.dataloader.evaluator))
+    with json_errors_named(cfg, "test"):
+        loader = instantiate(cfg.dataloader.test)
+    with evaluation_image_errors():
+        ret = inference_on_dataset(model, loader, instantiate(cfg.dataloader.evaluator))
     print_csv_format(ret)
     return ret
 
@@ -80,9 +103,11 @@ def do_train(args, cfg):
 
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
-    train_loader = instantiate(cfg.dataloader.train)
+    with json_errors_named(cfg, "train"):
+        train_loader, bad_images = instantiate_train_loader(
+            cfg.dataloader.train, cfg.train.get("max_bad_image_fraction", 0.01))
 
-    model = create_ddp_model(model, **cfg.train.ddp)
+    model = create_ddp_model(model, **ddp_options(cfg, model, **cfg.train.ddp))
     trainer = make_trainer(cfg, model, train_loader, optimizer)
     checkpointer = ITPNCheckpointer(model, cfg.train.output_dir, trainer=trainer,
                                     check_inputs=cfg.train.get("check_inputs", "error"))
@@ -94,6 +119,7 @@ def do_train(args, cfg):
         # eval_period > 0: every eval_period iterations and after the last; 0: never.
         hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model))
         if cfg.train.eval_period > 0 else None,
+        BadImageHook(bad_images, period=cfg.train.log_period),
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
                              period=cfg.train.log_period)
         if comm.is_main_process() else None,
@@ -104,33 +130,61 @@ def do_train(args, cfg):
     trainer.train(start_iter, cfg.train.max_iter)
 
 
+def load_checked_config(args):
+    """The config with checked overrides and ``train.*`` values (raises ConfigError)."""
+    move_trailing_flags(args)
+    cfg = load_config(args.config_file, args.opts)
+    check_train_config(cfg, world_size=args.num_gpus * args.num_machines,
+                       eval_only=args.eval_only)
+    return cfg
+
+
 def main(args):
-    cfg = LazyConfig.load(args.config_file)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    cfg = load_checked_config(args)
+    with contextlib.ExitStack() as stack:
+        if comm.is_main_process():  # one run per output folder; the kernel frees it on exit
+            stack.enter_context(lock_run_dir(cfg.train.output_dir))
+            remove_stale_temporaries(cfg.train.output_dir)
+        return run(args, cfg)
+
+
+def run(args, cfg):
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="itpn_d2")
     resolve_device(cfg)
     prepare_datasets(cfg, splits=("test",) if args.eval_only else ("train", "test"))
+    if args.eval_only:
+        resume = args.resume and Path(cfg.train.output_dir, "last_checkpoint").is_file()
+        problem = eval_checkpoint_problem(cfg, resume_available=resume)
+        if problem:
+            raise ConfigError(problem)
 
     if args.eval_only:
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
-        model = create_ddp_model(model)
+        model = create_ddp_model(model, **ddp_options(cfg, model))
         checkpointer = ITPNCheckpointer(model, cfg.train.output_dir,
                                         check_inputs=cfg.train.get("check_inputs", "error"))
         if args.resume and checkpointer.has_checkpoint():
             checkpointer.load(checkpointer.get_checkpoint_file(), checkpointables=[])
-        else:
+        elif cfg.train.init_checkpoint:
             checkpointer.load(cfg.train.init_checkpoint)
+        else:
+            logger.warning("train.eval_random_init=True: evaluating randomly initialised weights")
         return do_test(cfg, model)
     do_train(args, cfg)
 
 
-def invoke_main() -> None:
+def invoke_main() -> int:
     args = default_argument_parser().parse_args()
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    if args.num_gpus * args.num_machines > 1:  # config errors once, before the workers start
+        from itpn_d2.errors import run_cli
+
+        status = run_cli(lambda: load_checked_config(args) and None)
+        if status:
+            return status
+    return launch_cli(main, args)
 
 
 if __name__ == "__main__":
-    invoke_main()
+    sys.exit(invoke_main())

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from itpn_d2.data.toy import TOY_IMAGE_SIZE, default_toy_root, make_toy_dataset, toy_class_names
+from itpn_d2.errors import UserError, run_cli
 
 
 def forward_check(root: Path, num_images: int = 2) -> None:
@@ -68,15 +69,20 @@ def main() -> int:
         "--check", action="store_true", help="then run one Mask R-CNN training step on it"
     )
     args = parser.parse_args()
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise UserError(f"output folder {args.out} is a file; choose another folder")
 
     start = time.perf_counter()
-    paths = make_toy_dataset(
-        args.out,
-        num_train=args.num_train,
-        num_val=args.num_val,
-        image_size=args.image_size,
-        seed=args.seed,
-    )
+    try:
+        paths = make_toy_dataset(
+            args.out,
+            num_train=args.num_train,
+            num_val=args.num_val,
+            image_size=args.image_size,
+            seed=args.seed,
+        )
+    except ValueError as e:  # sizes and counts, checked by make_toy_dataset
+        raise UserError(f"{e} (--image-size, --num-train, --num-val)") from None
     print(f"toy dataset ready in {paths['root']} ({time.perf_counter() - start:.1f}s)")
     if args.check:
         forward_check(paths["root"])
@@ -84,4 +90,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -52,8 +52,12 @@ def convert_label(raw: np.ndarray, path: str = "<array>") -> np.ndarray:
 
 def _convert_file(job: Tuple[str, str]) -> None:
     src, dst = job
-    with Image.open(src) as image:
-        raw = np.asarray(image)
+    try:
+        with Image.open(src) as image:
+            raw = np.asarray(image)
+    except (OSError, SyntaxError) as e:  # PIL: unreadable, truncated or not an image
+        raise ValueError(f"{src}: cannot read the label image ({e}); re-extract the dataset") \
+            from None
     Image.fromarray(convert_label(raw, src)).save(dst)
 
 
@@ -97,8 +101,17 @@ def main(argv: Optional[Sequence[str]] = None) -> List[int]:
     return counts
 
 
+def cli() -> int:
+    from itpn_d2.errors import UserError, run_cli
+
+    def run() -> None:
+        try:
+            main()
+        except (FileNotFoundError, ValueError) as e:  # what main raises for bad input
+            raise UserError(str(e)) from None
+
+    return run_cli(run)
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    sys.exit(cli())

@@ -430,4 +430,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from itpn_d2.errors import run_cli
+
+    sys.exit(run_cli(main))

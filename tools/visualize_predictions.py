@@ -19,12 +19,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import detectron2.data.transforms as T  # noqa: E402
-from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.config import instantiate  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data.detection_utils import convert_image_to_rgb, read_image  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from itpn_d2.d2 import ITPNCheckpointer  # noqa: E402
+from itpn_d2.d2.bad_images import json_errors_named  # noqa: E402
+from itpn_d2.d2.cli import InputFileError  # noqa: E402
+from itpn_d2.d2.config import ConfigError, load_config  # noqa: E402
 from itpn_d2.d2.data import config_dataset_names, prepare_datasets  # noqa: E402
 from itpn_d2.d2.predictor import draw_instances  # noqa: E402
 
@@ -47,22 +50,25 @@ def images_and_metadata(cfg, args):
     """Image paths to draw and the metadata (class names) of the config's test dataset."""
     names = config_dataset_names(cfg, splits=("test",))
     if not names:
-        raise ValueError("the config has no dataloader.test.dataset.names (class names)")
+        raise ConfigError("the config has no dataloader.test.dataset.names (class names)")
     if args.input:
         missing = [p for p in args.input if not Path(p).is_file()]
         if missing:
-            raise FileNotFoundError(f"input images not found: {', '.join(missing)}")
+            raise InputFileError(f"input images not found: {', '.join(missing)}")
         if names[0].startswith("itpn_toy"):
             prepare_datasets(cfg, splits=("test",))
         return list(args.input), MetadataCatalog.get(names[0])
     prepare_datasets(cfg, splits=("test",))
-    dicts = DatasetCatalog.get(names[0])[:args.num_images]
+    with json_errors_named(cfg, "test"):
+        dicts = DatasetCatalog.get(names[0])[:args.num_images]
     return [d["file_name"] for d in dicts], MetadataCatalog.get(names[0])
 
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    if args.num_images < 1:
+        raise ConfigError(f"--num-images {args.num_images} must be >= 1")
+    cfg = load_config(args.config_file, args.opts)
     paths, metadata = images_and_metadata(cfg, args)
 
     model = instantiate(cfg.model).to(args.device).eval()
@@ -90,4 +96,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from itpn_d2.errors import run_cli
+
+    sys.exit(run_cli(lambda: main() and 0))

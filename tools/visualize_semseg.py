@@ -26,13 +26,15 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.config import instantiate  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 
 from itpn_d2.d2 import ITPNCheckpointer  # noqa: E402
+from itpn_d2.d2.cli import InputFileError  # noqa: E402
+from itpn_d2.d2.config import ConfigError, load_config  # noqa: E402
 from itpn_d2.d2.predictor import draw_sem_seg  # noqa: E402
-from itpn_d2.d2.semseg_data import read_label_png  # noqa: E402
+from itpn_d2.d2.semseg_data import align_label, exif_orientation, read_label_png  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -64,13 +66,16 @@ def _test_dataset(cfg) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     args = parse_args(argv)
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    if args.num_images < 1 or not 0 <= args.opacity <= 1:
+        raise ConfigError(f"--num-images must be >= 1 and --opacity in [0, 1], got "
+                          f"{args.num_images} and {args.opacity}")
+    cfg = load_config(args.config_file, args.opts)
     dataset = _test_dataset(cfg)
     metadata = MetadataCatalog.get(dataset)
     if args.input:
         for path in args.input:
             if not Path(path).is_file():
-                raise FileNotFoundError(f"input image {path} does not exist")
+                raise InputFileError(f"input image {path} does not exist")
         records = [{"file_name": path} for path in args.input]
     else:
         records = DatasetCatalog.get(dataset)[:args.num_images]
@@ -89,10 +94,12 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
         with torch.no_grad():
             logits = model([inputs])[0]["sem_seg"]
         pred = logits.argmax(dim=0).cpu().numpy()
-        image = read_image(record["file_name"], format="RGB")  # EXIF applied, as the mapper
+        image = read_image(record["file_name"], format="RGB")  # upright, as the mapper reads it
         panels = [draw_sem_seg(image, pred, metadata, args.opacity)]
         if "sem_seg_file_name" in record:
-            gt = read_label_png(record["sem_seg_file_name"])
+            gt = align_label(read_label_png(record["sem_seg_file_name"]),
+                             exif_orientation(record["file_name"]), image.shape[:2],
+                             record["sem_seg_file_name"], record["file_name"])
             panels.append(draw_sem_seg(image, gt, metadata, args.opacity))
         path = out_dir / f"{Path(record['file_name']).stem}.png"
         Image.fromarray(np.concatenate(panels, axis=1)).save(path)
@@ -102,4 +109,6 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    from itpn_d2.errors import run_cli
+
+    sys.exit(run_cli(lambda: main() and 0))

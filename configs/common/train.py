@@ -19,5 +19,10 @@ train = dict(
     # Input format / pixel statistics vs. the checkpoint's pretraining metadata:
     # "error", "warn" or "ignore".
     check_inputs="error",
+    # Unreadable / missing / truncated training images are skipped (and logged); training
+    # stops once more than this fraction of max(dataset size, images read) failed.
+    max_bad_image_fraction=0.01,
+    # --eval-only with an empty init_checkpoint evaluates random weights only if True.
+    eval_random_init=False,
     seed=-1,
 )

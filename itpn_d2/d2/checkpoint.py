@@ -13,6 +13,11 @@ Accepted files (``train.init_checkpoint``, or ``--resume``):
 A stock ``DetectionCheckpointer`` also loads this project's files (they carry
 ``matching_heuristics``, see :data:`itpn_d2.checkpoint.D2_LOAD_FLAGS`) but checks nothing.
 
+Saving (``PeriodicCheckpointer``, ``model_final``) goes through
+:func:`itpn_d2.checkpoint.save_checkpoint` (temporary file, fsync, rename) and ``last_checkpoint``
+is replaced the same way once the checkpoint is complete, so a kill or a full disk never
+leaves a truncated file or a ``last_checkpoint`` naming one.
+
 Files are read with ``weights_only=True`` (:func:`itpn_d2.checkpoint.load_checkpoint`). ITPN
 weights go to ``<backbone module>.net.``; they must fit exactly: unlike fvcore, mismatched
 shapes or missing/unexpected backbone or pyramid keys are an error, not a skipped warning. The
@@ -26,6 +31,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import tempfile
 from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -35,8 +41,9 @@ from tabulate import tabulate
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _IncompatibleKeys
 
-from ..checkpoint import (D2_LOAD_FLAGS, METADATA_KEYS, CheckpointError, load_checkpoint,
-                          metadata_of, model_metadata)
+from ..checkpoint import (D2_LOAD_FLAGS, METADATA_KEYS, TEMP_SUFFIX, CheckpointError,
+                          default_file_mode, load_checkpoint, metadata_of, model_metadata,
+                          save_checkpoint)
 from ..convert import PUBLISHED_HEADS, convert_official_state_dict, is_official_state_dict
 from ..modeling import ARCHS, ITPN
 from .optim import find_itpn_backbones
@@ -107,6 +114,23 @@ def _shorten(keys: List[str], limit: int = 12) -> str:
     return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
+def _write_text_atomic(path: str, text: str) -> None:
+    """Replace ``path`` by a complete file holding ``text`` (temporary file, fsync, rename)."""
+    folder, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=TEMP_SUFFIX, dir=folder or ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 class ITPNCheckpointer(DetectionCheckpointer):
     """:class:`DetectionCheckpointer` that loads iTPN checkpoints into an ``ITPNBackbone``.
 
@@ -124,6 +148,30 @@ class ITPNCheckpointer(DetectionCheckpointer):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.check_inputs = check_inputs
         self.last_report: Optional[Dict[str, Any]] = None
+
+    # ------------------------------------------------------------------ writing
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        """fvcore's ``save`` (model, checkpointables, ``kwargs`` to ``<save_dir>/<name>.pth``),
+        written atomically; a full disk raises :class:`~itpn_d2.errors.DiskFullError` and
+        keeps the earlier checkpoints and ``last_checkpoint``."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        if "://" in self.save_dir:  # a remote PathManager folder: fvcore's own writer
+            return super().save(name, **kwargs)
+        data = {"model": self.model.state_dict()}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        path = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", path)
+        save_checkpoint(data, path)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        if "://" in self.save_dir:
+            return super().tag_last_checkpoint(last_filename_basename)
+        _write_text_atomic(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
 
     # ------------------------------------------------------------------ reading
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from detectron2.evaluation import SemSegEvaluator
 
-from .semseg_data import LabelError, check_label, read_label_png
+from .semseg_data import LabelError, align_label, check_label, exif_orientation, read_label_png
 
 __all__ = ["ITPNSemSegEvaluator"]
 
@@ -49,7 +49,11 @@ class ITPNSemSegEvaluator(SemSegEvaluator):
             if gt_path is None:
                 raise KeyError(f"image {inp['file_name']} is not in dataset "
                                f"{self._dataset_name!r}; no label file to evaluate against")
-            gt = read_label_png(gt_path, dtype=np.int64)
+            gt = read_label_png(gt_path, dtype=None)
+            orientation = exif_orientation(inp["file_name"])
+            if orientation != 1:  # the prediction is of the upright image (read_image)
+                gt = align_label(gt, orientation, pred.shape, gt_path, inp["file_name"])
+            gt = gt.astype(np.int64)
             if gt.shape != pred.shape:
                 raise LabelError(f"label file {gt_path} is {gt.shape[1]}x{gt.shape[0]} but the "
                                  f"prediction for {inp['file_name']} is {pred.shape[1]}x"

@@ -3,6 +3,12 @@
 Labels are single-channel PNGs (``L``/``P``/``I`` modes) holding class ids ``0..K-1`` and the
 ignore value (255). Everything that reads them goes through :func:`read_label_png`, which
 works under numpy 2 and names the file in every error; :func:`check_label` checks values.
+
+EXIF orientation: Detectron2's ``read_image`` turns an image upright by its EXIF orientation
+tag, but a label PNG carries no such tag. A label is taken to be drawn on its image's *stored*
+pixel grid (as converted datasets are made), so :func:`align_label` applies the image's
+orientation to it too; a label that already has the size of the upright image (and not of the
+stored one) is taken as upright. Any other size is refused.
 """
 
 from __future__ import annotations
@@ -22,8 +28,14 @@ from detectron2.utils.file_io import PathManager
 
 from ..errors import UserError
 
-__all__ = ["LabelError", "SemSegDatasetMapper", "check_label", "read_label_png",
-           "semseg_train_augmentations"]
+__all__ = ["LabelError", "SemSegDatasetMapper", "align_label", "check_label", "exif_orientation",
+           "read_label_png", "semseg_train_augmentations"]
+
+_EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> the PIL transpose that makes the image upright (as Detectron2's
+# read_image does); orientations 5-8 swap width and height.
+_UPRIGHT = {2: Image.FLIP_LEFT_RIGHT, 3: Image.ROTATE_180, 4: Image.FLIP_TOP_BOTTOM,
+            5: Image.TRANSPOSE, 6: Image.ROTATE_270, 7: Image.TRANSVERSE, 8: Image.ROTATE_90}
 
 
 class LabelError(UserError, ValueError):
@@ -47,6 +59,35 @@ def read_label_png(path: str, dtype=np.uint8) -> np.ndarray:
                          f"single-channel (L, P or I) PNGs of class ids")
     label = np.asarray(image)
     return label.astype(dtype) if dtype is not None else label
+
+
+def exif_orientation(path: str) -> int:
+    """The EXIF orientation tag of an image file (1, upright, when it has none)."""
+    try:
+        with PathManager.open(path, "rb") as f, Image.open(f) as image:
+            return int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # unreadable EXIF: read_image ignores it too
+        return 1
+
+
+def align_label(label: np.ndarray, orientation: int, image_hw: Tuple[int, int],
+                label_path: str, image_path: str) -> np.ndarray:
+    """``label`` in the orientation of its image as ``read_image`` returns it (``image_hw``).
+
+    Raises:
+        LabelError: the label fits neither the stored nor the upright image.
+    """
+    method = _UPRIGHT.get(orientation)
+    stored_hw = image_hw[::-1] if orientation in (5, 6, 7, 8) else image_hw
+    if method is not None and label.shape == tuple(stored_hw):
+        return np.asarray(Image.fromarray(label).transpose(method))
+    if label.shape == tuple(image_hw):
+        return label
+    rotated = f" (EXIF orientation {orientation}: stored {stored_hw[1]}x{stored_hw[0]})" \
+        if method is not None else ""
+    raise LabelError(f"label file {label_path} is {label.shape[1]}x{label.shape[0]} but its "
+                     f"image {image_path} is {image_hw[1]}x{image_hw[0]}{rotated} (width x "
+                     f"height)")
 
 
 def check_label(label: np.ndarray, num_classes: int, ignore_value: int, path: str) -> None:
@@ -107,11 +148,8 @@ class SemSegDatasetMapper(DatasetMapper):
             if label_path is None:
                 raise KeyError(f"dataset record of {image_path} has no 'sem_seg_file_name'; "
                                f"is this a semantic segmentation dataset?")
-            label = read_label_png(label_path)
-            if label.shape != image.shape[:2]:
-                raise LabelError(f"label file {label_path} is {label.shape[1]}x{label.shape[0]} "
-                                 f"but its image {image_path} is {image.shape[1]}x"
-                                 f"{image.shape[0]} (width x height)")
+            label = align_label(read_label_png(label_path), exif_orientation(image_path),
+                                image.shape[:2], label_path, image_path)
             check_label(label, self.num_classes, self.ignore_value, label_path)
 
         aug_input = T.AugInput(image, sem_seg=label)
