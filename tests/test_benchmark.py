@@ -83,7 +83,10 @@ def test_d2_training_iteration_against_vitdet(bench):
     (["infer", "--model", "itpn_nano", "--input-size", "100", "--device", "cpu"],
      "multiple of 32"),
     (["infer", "--model", "itpn_nano", "--device", "tpu"], "unsupported device"),
-    (["d2", "--config", "configs/toy/missing.py", "--device", "cpu"], "config file not found"),
+    (["d2", "--config", "configs/toy/missing.py", "--device", "cpu"],
+     "config file configs/toy/missing.py does not exist"),
+    (["d2", "--config", "configs/toy/mask_rcnn_itpn_nano.py", "--device", "cpu",
+      "trian.max_iter=1"], "did you mean train.max_iter?"),
 ])
 def test_bad_settings_give_one_error(bench, capsys, argv, message):
     assert bench.cli(argv) == 1

@@ -93,6 +93,15 @@ def test_predictor_segmentation_returns_logits_at_input_size():
     assert logits.shape == (6, 80, 60) and torch.isfinite(logits).all()
 
 
+def test_predictor_checks_override_keys():
+    from itpn_d2.d2.config import ConfigError
+
+    with pytest.raises(ConfigError, match="did you mean model.backbone.net.img_size"):
+        Predictor(SEG, "", device="cpu", overrides=["model.backbone.net.img_siz=128"])
+    with pytest.raises(ConfigError, match="did you mean train.max_iter"):
+        Predictor(LazyConfig.load(str(SEG)), "", device="cpu", overrides=["trian.max_iter=1"])
+
+
 def test_predict_tool_detection_writes_coco_results(det_checkpoint, toy_root, tmp_path,
                                                     monkeypatch):
     import pycocotools.mask as mask_util

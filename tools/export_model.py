@@ -21,8 +21,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from detectron2.config import LazyConfig
-
+from itpn_d2.d2.config import load_config
 from itpn_d2.d2.export import EXPORT_FORMATS, export_model
 from itpn_d2.errors import run_cli
 
@@ -45,7 +44,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    cfg = load_config(args.config_file, args.opts)
     checkpoint = args.checkpoint if args.checkpoint is not None else cfg.train.init_checkpoint
     report = export_model(cfg, args.output, args.format, checkpoint=checkpoint or None,
                           size=args.size, device=args.device)

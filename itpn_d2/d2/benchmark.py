@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 from functools import partial
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -19,12 +18,9 @@ from itpn_d2.benchmark import (BenchmarkError, PeakMemory, Result, _rss_gib, aut
 
 
 def load_d2_config(path: str, overrides: Sequence[str], model_name: Optional[str]):
-    from detectron2.config import LazyConfig
+    from .config import load_config
 
-    if not Path(path).is_file():
-        raise BenchmarkError(f"config file not found: {path}")
-    cfg = LazyConfig.load(path)
-    cfg = LazyConfig.apply_overrides(cfg, list(overrides))
+    cfg = load_config(path, overrides)
     if model_name is not None:
         cfg.model.backbone.net.name = model_name
     return cfg

@@ -153,6 +153,11 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> DictConfig:
     except SyntaxError as e:
         raise ConfigError(f"config file {path} has a syntax error at line {e.lineno}: "
                           f"{e.msg}") from None
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str] = ()) -> DictConfig:
+    """``LazyConfig.apply_overrides`` after checking every key (see :func:`load_config`)."""
     overrides = list(overrides)
     for item in overrides:
         if "=" not in item or item.startswith("="):

@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import detectron2.data.transforms as T
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
 from detectron2.data.detection_utils import read_image
@@ -38,6 +38,7 @@ from detectron2.structures import Instances
 
 from ..errors import UserError
 from .checkpoint import ITPNCheckpointer
+from .config import apply_overrides, load_config
 from .data import config_dataset_names
 
 __all__ = ["IMAGE_EXTENSIONS", "InputError", "Predictor", "draw_instances", "draw_sem_seg",
@@ -102,10 +103,9 @@ class Predictor:
             raise ValueError(f"input_format must be one of {CHANNEL_ORDERS}, got "
                              f"{input_format!r}")
         if isinstance(config, (str, Path)):
-            cfg = LazyConfig.load(str(config))
+            self.cfg = load_config(str(config), overrides)
         else:
-            cfg = copy.deepcopy(config)
-        self.cfg = LazyConfig.apply_overrides(cfg, list(overrides))
+            self.cfg = apply_overrides(copy.deepcopy(config), overrides)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.input_format = input_format
         self.model = instantiate(self.cfg.model).to(self.device).eval()
