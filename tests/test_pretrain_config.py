@@ -14,8 +14,8 @@ from itpn_d2.checkpoint import load_checkpoint, save_checkpoint
 from itpn_d2.data.toy import make_toy_dataset
 from itpn_d2.modeling import ARCHS
 from pretrain.config import PretrainConfig
-from pretrain.engine import (DistInfo, Trainer, build_optimizer, build_schedule, lr_at,
-                             resolve_config, train_step)
+from pretrain.engine import (DistInfo, Trainer, build_schedule, lr_at, resolve_config,
+                             train_step)
 from pretrain.main import get_args_parser, main
 from pretrain.models import DECODER_SIZES, build_pretrain_model, decoder_size, ema_momentum
 
@@ -45,14 +45,16 @@ def test_decoder_sizes_live_beside_the_arch_table():
 
 def _trainer(batch: int, accum: int) -> Trainer:
     cfg = resolve_config(PretrainConfig(model="itpn_nano", input_size=32, fpn_depth=1, mfm="ema",
-                                        batch_size=batch, accum_iter=accum, lr=1e-3,
+                                        batch_size=batch, accum_iter=accum, lr=1.0,
                                         warmup_epochs=1, epochs=4, clip_grad=1.0,
                                         ema_momentum=0.9),
                          DistInfo(), torch.device("cpu"))
     torch.manual_seed(0)
     model = build_pretrain_model(cfg).train()
+    # SGD: its update is proportional to the gradient, so equal gradients give equal weights
+    # (AdamW's first step, g / |g|, blows rounding differences of tiny gradients up to lr).
     trainer = Trainer(cfg, DistInfo(), torch.device("cpu"), build_schedule(cfg, 8), model,
-                      build_optimizer(model, cfg, torch.device("cpu")),
+                      torch.optim.SGD(model.parameters(), lr=0.0),
                       torch.amp.GradScaler("cpu", enabled=False),
                       torch.Generator().manual_seed(1))
     trainer.forward = model
@@ -63,13 +65,16 @@ def test_train_step_accumulates_micro_batches_like_one_batch():
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     one, two = _trainer(4, 1), _trainer(2, 2)
     teacher0 = [p.clone() for p in one.model.teacher.parameters()]
+    start = [p.detach().clone() for p in one.model.parameters()]
     out_one = train_step(one, iter([images]), step=1)
     out_two = train_step(two, iter(images.split(2)), step=1)
     # Two micro-batches of 2 draw the same masks as one batch of 4 (one noise stream), and
     # their mean gradient is the big batch's: the same losses, lr and update.
     assert torch.allclose(out_one, out_two, atol=1e-6)
     warmup = one.schedule.warmup_steps
-    assert warmup == 2 and one.optimizer.param_groups[0]["lr"] == lr_at(1, 1e-3, 0.0, 2, 8)
+    assert warmup == 2 and one.optimizer.param_groups[0]["lr"] == lr_at(1, 1.0, 0.0, 2, 8)
+    moved = [(a - a0).abs().max() for a, a0 in zip(one.model.parameters(), start)]
+    assert max(moved) > 1e-3  # the step changed the weights
     for a, b in zip(one.model.parameters(), two.model.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
     # The EMA teacher moved towards the updated student by the step's momentum.
