@@ -254,10 +254,11 @@ def check_resume_compatible(ckpt: Dict[str, Any], config: PretrainConfig, path: 
              for k in ARCH_ARGS if old.get(k) != args.get(k)]
     if args["mfm"] == "clip" and old.get("teacher") != args.get("teacher"):
         diffs.append(f"teacher: checkpoint {old.get('teacher')!r} vs now {args.get('teacher')!r}")
-    before, now = decoder_size(PretrainConfig.from_dict(old)), decoder_size(config)
-    if not diffs and tuple(before) != tuple(now):
-        diffs.append(f"decoder size: checkpoint {tuple(before)} vs now {tuple(now)} "
-                     f"(dim, depth, heads, mfm_dim, mfm_heads)")
+    if not diffs:  # the same model: its decoder sizes are known
+        before, now = decoder_size(PretrainConfig.from_dict(old)), decoder_size(config)
+        if tuple(before) != tuple(now):
+            diffs.append(f"decoder size: checkpoint {tuple(before)} vs now {tuple(now)} "
+                         f"(dim, depth, heads, mfm_dim, mfm_heads)")
     if diffs:
         raise ResumeError(f"cannot resume from {path}: it was trained with other settings:\n  "
                           + "\n  ".join(diffs))
