@@ -82,7 +82,8 @@ def bench_pretrain(args, device: torch.device) -> List[Result]:
             trainer = Trainer(cfg, DistInfo(), device, build_schedule(cfg, B), model,
                               build_optimizer(model, cfg, device),
                               torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"), gen)
-            trainer.forward = torch.compile(model) if args.compile else model
+            if args.compile:
+                trainer.forward = torch.compile(model)
             trainer.forward.train()
             pixels = torch.randint(0, 256, (B, 3, args.input_size, args.input_size),
                                    dtype=torch.uint8, generator=gen).to(device)

@@ -549,6 +549,10 @@ class Trainer:
     start: ResumeState = field(default_factory=ResumeState)
     last_ckpt: Optional[Path] = None  # the last good checkpoint of this run (or the one resumed)
 
+    def __post_init__(self):
+        if self.forward is None:
+            self.forward = self.model
+
     def autocast(self):
         dtype = self.config.amp_dtype
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
@@ -612,7 +616,6 @@ def setup(config: PretrainConfig, info: DistInfo, device: torch.device,
 def wrap_model(trainer: Trainer) -> None:
     """DDP (several processes) and ``torch.compile`` around the model, the data loader."""
     config, device = trainer.config, trainer.device
-    trainer.forward = trainer.model
     if trainer.info.world_size > 1:
         with warnings.catch_warnings():  # torch 2.14 deprecates it; its successor differs
             warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)

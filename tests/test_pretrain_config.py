@@ -3,6 +3,7 @@ before the typed configuration."""
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from itpn_d2.data.toy import make_toy_dataset
 from itpn_d2.modeling import ARCHS
 from pretrain.config import PretrainConfig
 from pretrain.engine import (DistInfo, Trainer, build_schedule, lr_at, resolve_config,
-                             train_step)
+                             setup_logging, train_step)
 from pretrain.main import get_args_parser, main
 from pretrain.models import DECODER_SIZES, build_pretrain_model, decoder_size, ema_momentum
 
@@ -57,7 +58,7 @@ def _trainer(batch: int, accum: int) -> Trainer:
                       torch.optim.SGD(model.parameters(), lr=0.0),
                       torch.amp.GradScaler("cpu", enabled=False),
                       torch.Generator().manual_seed(1))
-    trainer.forward = model
+    assert trainer.forward is model
     return trainer
 
 
@@ -108,3 +109,11 @@ def test_checkpoint_written_before_the_config_change_auto_resumes(tmp_path):
     rest = run(tmp_path / "part", "--auto_resume")
     assert rest.step == full.step == 4
     assert [h["loss"] for h in rest.history] == [h["loss"] for h in full.history][1:]
+
+
+def test_messages_progress_on_stdout_notes_on_stderr(capsys):
+    setup_logging()
+    setup_logging()  # idempotent: one handler, one line per message
+    logging.getLogger("pretrain.engine").info("epoch 0 done")
+    logging.getLogger("pretrain.engine").warning("note: dropped 1 line(s)")
+    assert capsys.readouterr() == ("epoch 0 done\n", "note: dropped 1 line(s)\n")
