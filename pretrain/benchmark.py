@@ -15,8 +15,8 @@ from typing import Any, Callable, Dict, List, Tuple
 import numpy as np
 import torch
 
-from itpn_d2.benchmark import (BenchmarkError, PeakMemory, Result, _rss_gib, autocast_ctx,
-                               count_params, make_result, measure, sync)
+from itpn_d2.benchmark import (BenchmarkError, PeakMemory, Result, _rss_gib, count_params,
+                               make_result, measure, sync)
 
 TINY_CLIP = "itpn-benchmark-tiny-vit"
 # A small open_clip ViT for CPU runs of the CLIP teacher (only its image tower is used).
@@ -47,10 +47,14 @@ def _clip_teacher_file(name: str, workdir: Path) -> Tuple[str, str]:
 
 
 def bench_pretrain(args, device: torch.device) -> List[Result]:
+    """One optimizer step of training, :func:`pretrain.engine.train_step` itself, on a fixed
+    synthetic batch already on the device (no data loading), per ``--mfm`` mode."""
+    from pretrain.config import PretrainConfig
     from pretrain.data import normalize
-    from pretrain.engine import DistInfo, build_optimizer, resolve_args
+    from pretrain.engine import (DistInfo, Trainer, build_optimizer, build_schedule,
+                                 resolve_config, train_step)
     from pretrain.main import get_args_parser
-    from pretrain.models import EMATeacher, build_pretrain_model, random_masking
+    from pretrain.models import build_pretrain_model
 
     results = []
     clip_name = args.clip_teacher
@@ -67,32 +71,25 @@ def bench_pretrain(args, device: torch.device) -> List[Result]:
                 argv += ["--teacher", teacher, "--teacher_checkpoint", ckpt]
             if args.compile:
                 argv.append("--compile")
-            cfg = resolve_args(vars(get_args_parser().parse_args(argv)), DistInfo(), device)
+            cfg = resolve_config(PretrainConfig.from_namespace(get_args_parser().parse_args(argv)),
+                                 DistInfo(), device)
 
             PeakMemory(device).reset()
             base_rss = _rss_gib()
             model = build_pretrain_model(cfg).to(device)
-            optimizer = build_optimizer(model, cfg, device)
-            scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-            fwd = torch.compile(model) if args.compile else model
-            fwd.train()
-            B, grid = args.batch_size, args.input_size // 16
+            B = args.batch_size
             gen = torch.Generator().manual_seed(args.seed)
+            trainer = Trainer(cfg, DistInfo(), device, build_schedule(cfg, B), model,
+                              build_optimizer(model, cfg, device),
+                              torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"), gen)
+            if args.compile:
+                trainer.forward = torch.compile(model)
+            trainer.forward.train()
             pixels = torch.randint(0, 256, (B, 3, args.input_size, args.input_size),
                                    dtype=torch.uint8, generator=gen).to(device)
-            ema = model.teacher if isinstance(model.teacher, EMATeacher) else None
 
-            def step():  # the inner loop of pretrain.engine._train, one optimizer step
-                images = normalize(pixels)  # uint8 batch already on the device
-                masks = random_masking(B, grid * grid, cfg["mask_ratio"], gen, device)
-                with autocast_ctx(device, args.amp):
-                    out = fwd(images, masks)
-                scaler.scale(out.loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(model.encoder.backbone, cfg["ema_momentum"])
+            def step():  # uint8 batch already on the device; normalised as the loader's
+                train_step(trainer, iter([normalize(pixels)]), step=0)
 
             timing = measure(step, device, args.steps, args.warmup)
             label = "mim" if mfm == "none" else f"mim+mfm({mfm})"
@@ -102,13 +99,11 @@ def bench_pretrain(args, device: torch.device) -> List[Result]:
                 extra["clip_teacher"] = clip_name
             results.append(make_result("pretrain", label, args, B, timing, device, args.model,
                                        base_rss, **extra))
-            del model, optimizer, fwd, step
+            del model, trainer, step
     if len(results) > 1 and results[0].extra["mfm"] == "none":
         for r in results[1:]:
             r.extra["vs_mim"] = round(r.step_ms / results[0].step_ms, 3)
     return results
-
-
 
 
 # --------------------------------------------------------------------------- data path

@@ -1,5 +1,11 @@
 """Training loop: schedules, AMP, gradient accumulation, DDP, checkpoints, exact resume, logging.
 
+:func:`train` is :func:`setup` (settings, data, model, optimizer, resumed state), then
+:func:`train_one_epoch` per epoch, each a sequence of :func:`train_step` (one optimizer step;
+``tools/benchmark.py`` times this same function), then :func:`end_epoch` (``log.txt``,
+reconstruction grid, :func:`save_training_state`). Messages go to the ``pretrain`` logger:
+progress on stdout, notes on stderr.
+
 Counting: a *step* is one optimizer update (``accum_iter`` data iterations). An epoch has
 ``steps_per_epoch = (images per process // batch_size) // accum_iter`` steps; leftover images
 of an epoch are not used. The learning rate follows a per-step linear warm-up over
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -37,7 +44,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -46,16 +53,19 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from itpn_d2.checkpoint import (D2_LOAD_FLAGS, TEMP_SUFFIX, CheckpointError, _plain,
-                                check_state_dict, load_checkpoint, lock_run_dir, model_metadata,
+from itpn_d2.checkpoint import (D2_LOAD_FLAGS, TEMP_SUFFIX, CheckpointError, check_state_dict,
+                                load_checkpoint, lock_run_dir, model_metadata,
                                 remove_stale_temporaries, save_checkpoint)
 from itpn_d2.errors import UserError
 
+from .config import PretrainConfig
 from .data import DataError, ResumableSampler, build_dataset, normalize
 from .gpu_data import GPUDecoder, build_encoded_dataset, check_decode_device, collate_encoded
-from .models import (EMATeacher, PretrainModel, SettingsError, build_pretrain_model,
-                     decoder_size, ema_momentum, random_masking)
+from .models import (PATCH_SIZE, EMATeacher, PretrainModel, SettingsError,
+                     build_pretrain_model, decoder_size, ema_momentum, random_masking)
 from .visualize import reconstruction_grid, save_image
+
+log = logging.getLogger(__name__)
 
 LAST = "checkpoint-last.pth"
 DEFAULT_INPUT_SIZE = 224
@@ -175,9 +185,11 @@ def param_groups(model: PretrainModel, weight_decay: float) -> List[Dict[str, An
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: PretrainModel, args: Dict[str, Any], device: torch.device):
-    groups = param_groups(model, args["weight_decay"])
-    kwargs = dict(lr=args["lr"], betas=tuple(args["opt_betas"]))
+def build_optimizer(model: PretrainModel, config: PretrainConfig,
+                    device: torch.device) -> torch.optim.AdamW:
+    """AdamW (fused where the device has the kernels) over :func:`param_groups`."""
+    groups = param_groups(model, config.weight_decay)
+    kwargs = dict(lr=config.lr, betas=tuple(config.opt_betas))
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, ValueError):  # fused kernels unavailable for this device / dtype
@@ -220,21 +232,21 @@ def gather_rng_states(state: Dict[str, Any], info: DistInfo) -> List[Dict[str, A
 # --------------------------------------------------------------------------- checkpoints
 
 
-def find_resume(args: Dict[str, Any]) -> Optional[Path]:
-    if args.get("resume"):
-        path = Path(args["resume"]).expanduser()
+def find_resume(config: PretrainConfig) -> Optional[Path]:
+    if config.resume:
+        path = Path(config.resume).expanduser()
         if not path.is_file():
             raise ResumeError(f"--resume: checkpoint not found: {path}")
         return path
-    if args.get("auto_resume"):
-        path = Path(args["output_dir"]) / LAST
+    if config.auto_resume:
+        path = Path(config.output_dir) / LAST
         return path if path.is_file() else None
     return None
 
 
-def check_resume_compatible(ckpt: Dict[str, Any], args: Dict[str, Any], path: Path) -> None:
+def check_resume_compatible(ckpt: Dict[str, Any], config: PretrainConfig, path: Path) -> None:
     """One :class:`ResumeError` naming every architecture setting that differs."""
-    old = ckpt.get("args")
+    old, args = ckpt.get("args"), config.to_dict()
     if not isinstance(old, dict) or "decoder" not in ckpt:
         raise ResumeError(f"{path} is not a pretraining checkpoint of pretrain/main.py "
                           f"(no 'args'/'decoder'); it cannot be resumed")
@@ -242,9 +254,11 @@ def check_resume_compatible(ckpt: Dict[str, Any], args: Dict[str, Any], path: Pa
              for k in ARCH_ARGS if old.get(k) != args.get(k)]
     if args["mfm"] == "clip" and old.get("teacher") != args.get("teacher"):
         diffs.append(f"teacher: checkpoint {old.get('teacher')!r} vs now {args.get('teacher')!r}")
-    if not diffs and tuple(decoder_size(old)) != tuple(decoder_size(args)):
-        diffs.append(f"decoder size: checkpoint {tuple(decoder_size(old))} vs now "
-                     f"{tuple(decoder_size(args))} (dim, depth, heads, mfm_dim, mfm_heads)")
+    if not diffs:  # the same model: its decoder sizes are known
+        before, now = decoder_size(PretrainConfig.from_dict(old)), decoder_size(config)
+        if tuple(before) != tuple(now):
+            diffs.append(f"decoder size: checkpoint {tuple(before)} vs now {tuple(now)} "
+                         f"(dim, depth, heads, mfm_dim, mfm_heads)")
     if diffs:
         raise ResumeError(f"cannot resume from {path}: it was trained with other settings:\n  "
                           + "\n  ".join(diffs))
@@ -305,9 +319,9 @@ def trim_log(path: Path, epochs_done: int) -> int:
 class Logger:
     """log.txt (JSON lines per epoch), TensorBoard scalars, and a progress bar, on rank 0."""
 
-    def __init__(self, args: Dict[str, Any], info: DistInfo, total: int, initial: int):
+    def __init__(self, config: PretrainConfig, info: DistInfo, total: int, initial: int):
         self.enabled = info.is_main
-        self.out = Path(args["output_dir"])
+        self.out = Path(config.output_dir)
         self.tb = None
         self.bar = None
         if not self.enabled:
@@ -315,10 +329,10 @@ class Logger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            tb_dir = Path(args.get("log_dir") or self.out) / "tensorboard"
+            tb_dir = Path(config.log_dir or self.out) / "tensorboard"
             self.tb = SummaryWriter(log_dir=str(tb_dir))
         except ImportError:
-            print("tensorboard is not installed: no TensorBoard scalars", file=sys.stderr)
+            log.warning("tensorboard is not installed: no TensorBoard scalars")
         self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
                         disable=None, file=sys.stderr)
         self.plain = self.bar.disable  # no terminal: print a line per log interval instead
@@ -330,9 +344,9 @@ class Logger:
             for k, v in values.items():
                 self.tb.add_scalar(f"train/{k}", v, step)
         if self.plain:
-            print(f"epoch {epoch} step {step}: loss {values['loss']:.4f} mim {values['mim']:.4f} "
-                  f"mfm {values['mfm']:.4f} lr {values['lr']:.3e} {values['img_per_s']:.1f} img/s "
-                  f"eta {_fmt_time(eta_s)}", flush=True)
+            log.info(f"epoch {epoch} step {step}: loss {values['loss']:.4f} mim "
+                     f"{values['mim']:.4f} mfm {values['mfm']:.4f} lr {values['lr']:.3e} "
+                     f"{values['img_per_s']:.1f} img/s eta {_fmt_time(eta_s)}")
         else:
             self.bar.update(n)
             self.bar.set_postfix(epoch=epoch, loss=f"{values['loss']:.4f}",
@@ -352,7 +366,7 @@ class Logger:
                f"(mim {stats['train_mim']:.4f}, mfm {stats['train_mfm']:.4f}), "
                f"{stats['img_per_s']:.1f} img/s")
         if self.plain:
-            print(msg, flush=True)
+            log.info(msg)
         else:
             self.bar.write(msg)
 
@@ -368,45 +382,494 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+# --------------------------------------------------------------------------- console
+
+
+class _ConsoleHandler(logging.Handler):
+    """Messages as plain lines: INFO on stdout, warnings on stderr. The stream is looked up at
+    each message, so redirections (``contextlib.redirect_stderr``, pytest's capture) see it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+        stream.write(self.format(record) + "\n")
+        stream.flush()
+
+
+def setup_logging() -> logging.Logger:
+    """The ``pretrain`` logger with its console handler (added once)."""
+    logger = logging.getLogger("pretrain")
+    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+        logger.addHandler(_ConsoleHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # one line per message, whatever the root logger holds
+    return logger
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def resolve_config(config: PretrainConfig, info: DistInfo,
+                   device: torch.device) -> PretrainConfig:
+    """Fill derived settings (effective batch, absolute lr, AMP, workers) and check the rest."""
+    input_size = config.input_size
+    if input_size is None:
+        input_size = TOY_INPUT_SIZE if config.data_path is None else DEFAULT_INPUT_SIZE
+    if input_size % 16:
+        raise SettingsError(f"--input_size must be a multiple of 16, got {input_size}")
+    if not 0.0 < config.mask_ratio < 1.0:
+        raise SettingsError(f"--mask_ratio must be in (0, 1), got {config.mask_ratio}")
+    for key in ("batch_size", "accum_iter", "epochs"):
+        if getattr(config, key) < 1:
+            raise SettingsError(f"--{key} must be >= 1, got {getattr(config, key)}")
+    eff_batch = config.batch_size * config.accum_iter * info.world_size
+    amp = config.amp or ("bf16" if device.type == "cuda" else "off")
+    if amp == "fp16" and device.type != "cuda":
+        raise SettingsError("--amp fp16 needs a CUDA device; use --amp bf16 or off on the CPU")
+    decode = config.decode or "cpu"
+    check_decode_device(decode, device)
+    num_workers = config.num_workers
+    if num_workers is None:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        cores = (os.cpu_count() or 1) // max(per_node, 1)
+        num_workers = min(8, cores) if device.type == "cuda" else 0
+    return config.replace(
+        input_size=input_size, world_size=info.world_size, eff_batch_size=eff_batch,
+        lr=config.blr * eff_batch / 256 if config.lr is None else config.lr, amp=amp,
+        device=str(device), decode=decode, num_workers=num_workers)
+
+
+def _prepare_output_dir(out_dir: Path, info: DistInfo, stack: contextlib.ExitStack) -> None:
+    """Rank 0: one run per output folder, then clean up after interrupted saves."""
+    if info.is_main:
+        stack.enter_context(_lock_output_dir(out_dir))
+        for tmp in remove_stale_temporaries(out_dir):
+            log.warning(f"removed {tmp.name}, left by an interrupted checkpoint save")
+
+
+def _seed_everything(seed: int, device: torch.device) -> torch.Generator:
+    """Seeds the global generators; returns the masking generator (CPU, saved in checkpoints)."""
+    if device.type == "cuda":  # fixed input size; TF32 for the fp32 matmuls autocast leaves
+        # Autotuning may pick other kernels in another run: off where runs must repeat bit
+        # for bit (torch.use_deterministic_algorithms, as the CUDA exact-resume test does).
+        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+    return torch.Generator().manual_seed(seed + 1_000_003)
+
+
+@dataclass
+class Schedule:
+    """Step counts of a run (see the module docstring)."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    end_step: int  # total_steps, or --max_steps when smaller
+
+
+def build_schedule(config: PretrainConfig, samples_per_rank: int) -> Schedule:
+    steps_per_epoch = samples_per_rank // config.batch_size // config.accum_iter
+    total = steps_per_epoch * config.epochs
+    end = min(total, config.max_steps) if config.max_steps else total
+    return Schedule(steps_per_epoch, total, int(round(config.warmup_epochs * steps_per_epoch)),
+                    end)
+
+
+@dataclass
+class ResumeState:
+    """Where training continues: 0 everywhere for a new run."""
+
+    epoch: int = 0
+    iter_in_epoch: int = 0  # data iterations of ``epoch`` already consumed
+    step: int = 0
+    meter: Optional[Dict[str, Any]] = None  # running sums of the interrupted epoch
+    rng: Optional[Dict[str, Any]] = None  # this rank's random states
+
+
+def restore_training_state(ckpt: Dict[str, Any], path: Path, config: PretrainConfig,
+                           info: DistInfo, optimizer: torch.optim.Optimizer,
+                           scaler: torch.amp.GradScaler, steps_per_epoch: int) -> ResumeState:
+    """Optimizer, scaler and position of a checkpoint (the networks are loaded already).
+
+    If the data layout changed (batch size, accumulation, world size, seed, steps per epoch),
+    training restarts at the beginning of the interrupted epoch; in the middle of one that is
+    an error, since other images would follow.
+    """
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    state = ResumeState(ckpt["epoch"], ckpt.get("iter_in_epoch", 0), ckpt["step"])
+    old, now = ckpt["args"], config.to_dict()
+    changed = [k for k in LAYOUT_ARGS if old.get(k) != now.get(k)]
+    changed += ["steps_per_epoch"] if ckpt.get("steps_per_epoch") != steps_per_epoch else []
+    if changed and state.iter_in_epoch:
+        raise ResumeError(
+            f"cannot resume {path} in the middle of epoch {state.epoch}: "
+            f"{', '.join(changed)} differ from the interrupted run")
+    if changed:
+        state.step = state.epoch * steps_per_epoch
+        log.warning(f"note: {', '.join(changed)} changed; resuming at the start of epoch "
+                    f"{state.epoch} (step {state.step})")
+    else:
+        state.meter = ckpt.get("epoch_meter")
+        states = ckpt.get("rng") or []
+        if len(states) == info.world_size:
+            state.rng = states[info.rank]
+    notes = sorted(k for k in old if k not in ARCH_ARGS + LAYOUT_ARGS and k in now
+                   and old[k] != now[k] and k not in ("resume", "auto_resume", "max_steps"))
+    if info.is_main:
+        log.info(f"resuming from {path}: epoch {state.epoch}, step {state.step}"
+                 + (f"; settings now different: {', '.join(notes)}" if notes else ""))
+    return state
+
+
+@dataclass
+class Trainer:
+    """Everything one training process holds (built by :func:`setup`)."""
+
+    config: PretrainConfig  # resolved (resolve_config)
+    info: DistInfo
+    device: torch.device
+    schedule: Schedule
+    model: PretrainModel  # unwrapped
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    mask_gen: torch.Generator  # masking noise (CPU, so its state is saved exactly)
+    forward: Optional[torch.nn.Module] = None  # what the step calls: the model, DDP, compiled
+    ddp: Optional[DistributedDataParallel] = None
+    # Training only (train_step needs none of them: the benchmark leaves them unset)
+    out_dir: Path = Path(".")
+    dataset: Any = None  # PretrainImages or EncodedImages
+    sampler: Optional[ResumableSampler] = None
+    loader: Optional[DataLoader] = None
+    decoder: Optional[GPUDecoder] = None  # --decode gpu
+    start: ResumeState = field(default_factory=ResumeState)
+    last_ckpt: Optional[Path] = None  # the last good checkpoint of this run (or the one resumed)
+
+    def __post_init__(self):
+        if self.forward is None:
+            self.forward = self.model
+
+    def autocast(self):
+        dtype = self.config.amp_dtype
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def setup(config: PretrainConfig, info: DistInfo, device: torch.device,
+          stack: contextlib.ExitStack) -> Trainer:
+    """Data, model, optimizer and resumed state; everything that can fail on bad input.
+
+    Every rank's setup must succeed before the first collective (DDP's broadcast): a failure
+    in any rank stops all of them here (:func:`raise_if_any_failed`).
+    """
+    error: Optional[BaseException] = None
+    trainer = None
+    try:
+        config = resolve_config(config, info, device)
+        out_dir = Path(config.output_dir)
+        _prepare_output_dir(out_dir, info, stack)
+        mask_gen = _seed_everything(config.seed + info.rank, device)
+        # --decode gpu: workers read bytes, this process decodes on the GPU
+        dataset = (build_encoded_dataset if config.decode == "gpu" else build_dataset)(
+            config.data_path, config.input_size)
+        sampler = ResumableSampler(dataset, info.world_size, info.rank, shuffle=True,
+                                   seed=config.seed)
+        schedule = build_schedule(config, sampler.num_samples)
+        if schedule.steps_per_epoch < 1:
+            raise DataError(
+                f"{len(dataset)} images under {dataset.root} give {sampler.num_samples} per "
+                f"process, fewer than batch_size x accum_iter = "
+                f"{config.batch_size * config.accum_iter}")
+        model = build_pretrain_model(config)
+        resume_path = find_resume(config)
+        ckpt = None
+        if resume_path is not None:
+            ckpt = load_checkpoint(resume_path)
+            check_resume_compatible(ckpt, config, resume_path)
+            load_training_state(ckpt, model, resume_path)
+        model.to(device)
+        optimizer = build_optimizer(model, config, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+        start = ResumeState()
+        if ckpt is not None:
+            start = restore_training_state(ckpt, resume_path, config, info, optimizer, scaler,
+                                           schedule.steps_per_epoch)
+            del ckpt
+        if info.is_main:  # log.txt then holds the epochs of the checkpoint resumed, if any
+            dropped = trim_log(out_dir / "log.txt", start.epoch)
+            if dropped:
+                log.warning(f"note: dropped {dropped} line(s) of log.txt of epochs >= "
+                            f"{start.epoch} (written after the last checkpoint, or by an "
+                            f"earlier run)")
+        trainer = Trainer(config, info, device, schedule, model, optimizer, scaler, mask_gen,
+                          out_dir=out_dir, dataset=dataset, sampler=sampler, start=start,
+                          last_ckpt=resume_path)
+    except Exception as e:
+        error = e
+    raise_if_any_failed(error, info)
+    return trainer
+
+
+def wrap_model(trainer: Trainer) -> None:
+    """DDP (several processes) and ``torch.compile`` around the model, the data loader."""
+    config, device = trainer.config, trainer.device
+    if trainer.info.world_size > 1:
+        with warnings.catch_warnings():  # torch 2.14 deprecates it; its successor differs
+            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+            trainer.ddp = DistributedDataParallel(
+                trainer.model, device_ids=[device.index] if device.type == "cuda" else None,
+                broadcast_buffers=False)
+        trainer.forward = trainer.ddp
+    if config.compile:
+        trainer.forward = torch.compile(trainer.forward)
+    gpu_decode = config.decode == "gpu"
+    trainer.loader = DataLoader(
+        trainer.dataset, batch_size=config.batch_size, sampler=trainer.sampler, drop_last=True,
+        num_workers=config.num_workers, pin_memory=device.type == "cuda" and not gpu_decode,
+        persistent_workers=config.num_workers > 0,
+        collate_fn=collate_encoded if gpu_decode else None,
+        generator=torch.Generator().manual_seed(config.seed))
+    trainer.decoder = GPUDecoder(device, config.input_size) if gpu_decode else None
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def train_step(trainer: Trainer, batches: Iterator[torch.Tensor], step: int) -> torch.Tensor:
+    """One optimizer step over ``accum_iter`` micro-batches; returns ``[loss, mim, mfm]``
+    (means over the micro-batches, on the device, not synchronised).
+
+    Each micro-batch (ImageNet-normalised images on the device, taken from ``batches`` as it is
+    needed) is masked, run forward under autocast and backward (DDP synchronises gradients on
+    the last one only); then the learning rate of ``step`` is set, gradients clipped, AdamW
+    steps and the EMA teacher follows the student.
+    """
+    config, model, optimizer, scaler = trainer.config, trainer.model, trainer.optimizer, \
+        trainer.scaler
+    accum = config.accum_iter
+    num_tokens = (config.input_size // PATCH_SIZE) ** 2
+    acc = torch.zeros(3, device=trainer.device)
+    for i in range(accum):
+        images = next(batches)
+        masks = random_masking(images.shape[0], num_tokens, config.mask_ratio, trainer.mask_gen,
+                               trainer.device)
+        sync = (trainer.ddp.no_sync() if trainer.ddp is not None and i + 1 < accum
+                else contextlib.nullcontext())
+        with sync:
+            with trainer.autocast():
+                out = trainer.forward(images, masks)
+            scaler.scale(out.loss / accum).backward()
+        acc += torch.stack([out.loss.detach(), out.mim, out.mfm]) / accum
+
+    schedule = trainer.schedule
+    lr = lr_at(step, config.lr, config.min_lr, schedule.warmup_steps, schedule.total_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if config.clip_grad:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(
+            [p for g in optimizer.param_groups for p in g["params"]], config.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if isinstance(model.teacher, EMATeacher):
+        model.teacher.update(model.encoder.backbone,
+                             ema_momentum(step, schedule.total_steps, config.ema_momentum))
+    return acc
+
+
+# --------------------------------------------------------------------------- one epoch
+
+
+class StepLog:
+    """Per-step ``[loss, mim, mfm]`` kept on the device between log points, where they are
+    averaged over ranks in one host sync, checked for NaN and logged."""
+
+    def __init__(self, trainer: Trainer, logger: Logger, history: List[Dict[str, float]],
+                 t_start: float, steps_before: int):
+        self.trainer, self.logger, self.history = trainer, logger, history
+        self.t_start, self.steps_before = t_start, steps_before
+        self.values: List[torch.Tensor] = []
+        self.steps: List[int] = []
+        self.lrs: List[float] = []
+        self.t_last, self.images = time.time(), 0
+
+    def add(self, values: torch.Tensor, step: int, lr: float, images: int) -> None:
+        self.values.append(values)
+        self.steps.append(step)
+        self.lrs.append(lr)
+        self.images += images
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def flush(self, epoch: int, step: int) -> None:
+        trainer = self.trainer
+        values = all_reduce_mean(torch.stack(self.values), trainer.info).cpu()  # one host sync
+        check_finite(values, self.steps, epoch, trainer.last_ckpt)
+        now = time.time()
+        img_s = self.images / max(now - self.t_last, 1e-9)
+        done_here = max(step - self.steps_before, 1)
+        eta = (now - self.t_start) / done_here * (trainer.schedule.end_step - step)
+        for s, lr, row in zip(self.steps, self.lrs, values.tolist()):
+            self.history.append({"step": s, "epoch": epoch, "loss": row[0], "mim": row[1],
+                                 "mfm": row[2], "lr": lr})
+        last = self.history[-1]
+        self.logger.step({"loss": last["loss"], "mim": last["mim"], "mfm": last["mfm"],
+                          "lr": last["lr"], "img_per_s": img_s}, step, epoch, eta,
+                         len(self.values))
+        self.values, self.steps, self.lrs = [], [], []
+        self.t_last, self.images = now, 0
+
+
+def check_finite(values: torch.Tensor, steps: List[int], epoch: int,
+                 last_ckpt: Optional[Path]) -> None:
+    """:class:`TrainingDiverged` at the first step of ``values`` ``(S, 3)`` that is not finite."""
+    bad = ~torch.isfinite(values).all(dim=1)
+    if bool(bad.any()):
+        first = steps[int(bad.nonzero()[0, 0])]
+        kept = (f"the last good checkpoint {last_ckpt} was kept" if last_ckpt is not None
+                else "no checkpoint of this run had been written yet")
+        raise TrainingDiverged(
+            f"non-finite loss at step {first} (epoch {epoch}); stopping ({kept}). "
+            f"Try a lower --blr, --clip_grad, or --amp bf16 instead of fp16.")
+
+
+@dataclass
+class EpochMeter:
+    """Running sums of an epoch (rank-averaged in checkpoints, so a resumed mean is exact)."""
+
+    sums: torch.Tensor  # loss, mim, mfm summed over steps
+    count: int = 0
+    bad: int = 0  # unreadable images
+
+    def state(self, info: DistInfo) -> Dict[str, Any]:
+        return {"sums": all_reduce_mean(self.sums, info).cpu().tolist(), "count": self.count,
+                "bad": self.bad}
+
+
+def _image_batches(trainer: Trainer, loader_iter: Iterator, meter: EpochMeter, epoch: int,
+                   errors: List[DataError]) -> Iterator[torch.Tensor]:
+    """Normalised images on the device; counts unreadable images against --max_bad_fraction."""
+    config, info = trainer.config, trainer.info
+    max_bad = config.max_bad_fraction * trainer.sampler.num_samples
+    for images, bad in loader_iter:
+        meter.bad += int(bad.sum())
+        if meter.bad > max_bad and not errors:
+            errors.append(DataError(
+                f"{meter.bad} unreadable images in epoch {epoch}, more than "
+                f"--max_bad_fraction {config.max_bad_fraction} of "
+                f"{trainer.sampler.num_samples}; check the data under {trainer.dataset.root}"))
+            if info.world_size == 1:
+                raise errors[0]
+            # Several processes: all stop together at the next log point (one message).
+        images = (trainer.decoder(images) if trainer.decoder is not None
+                  else images.to(trainer.device, non_blocking=True))
+        yield normalize(images)
+
+
+def train_one_epoch(trainer: Trainer, epoch: int, step: int, step_log: StepLog
+                    ) -> Tuple[int, EpochMeter, int]:
+    """Train ``epoch`` from where it stands (``trainer.start`` for the first epoch of a resumed
+    run) until its end or ``--max_steps``. Returns the step reached, the epoch's meter and the
+    data iterations of the epoch consumed."""
+    config, info, schedule = trainer.config, trainer.info, trainer.schedule
+    accum = config.accum_iter
+    resumed = trainer.start if epoch == trainer.start.epoch else ResumeState()
+    skip = resumed.iter_in_epoch
+    trainer.sampler.set_epoch(epoch, skip=skip * config.batch_size)
+    trainer.forward.train()
+    meter = EpochMeter(torch.zeros(3, device=trainer.device))
+    if resumed.meter is not None and skip:
+        meter.sums += torch.tensor(resumed.meter["sums"], device=trainer.device)
+        meter.count, meter.bad = resumed.meter["count"], resumed.meter["bad"]
+    errors: List[DataError] = []
+    batches = _image_batches(trainer, iter(trainer.loader), meter, epoch, errors)
+    images_per_step = config.batch_size * accum * info.world_size
+    iters = skip
+    for _ in range(skip // accum, schedule.steps_per_epoch):
+        values = train_step(trainer, batches, step)
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        step += 1
+        iters += accum
+        meter.sums += values
+        meter.count += 1
+        step_log.add(values, step, lr, images_per_step)
+        stop = step >= schedule.end_step
+        if len(step_log) >= config.log_every or stop or iters == schedule.steps_per_epoch * accum:
+            if info.world_size > 1:
+                raise_if_any_failed(errors[0] if errors else None, info)
+            step_log.flush(epoch, step)
+        if stop:
+            break
+    batches.close()
+    return step, meter, iters
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dict(trainer: Trainer, epoch: int, iter_in_epoch: int, step: int,
+                    meter: Dict[str, Any], rng: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """What a checkpoint holds (see the module docstring); ``args`` is a plain dict."""
+    model = trainer.model
+    return {
+        **model_metadata(trainer.config.model, model.encoder.model_overrides),
+        **D2_LOAD_FLAGS,  # stock Detectron2 loads "model" into backbone.net
+        "model": model.encoder.state_dict(),
+        "decoder": model.decoder.state_dict(),
+        "mfm_heads": model.mfm_heads.state_dict(),
+        "teacher": model.teacher_state(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None,
+        "epoch": epoch, "iter_in_epoch": iter_in_epoch, "step": step,
+        "steps_per_epoch": trainer.schedule.steps_per_epoch,
+        "args": trainer.config.to_dict(),
+        "rng": rng,
+        "epoch_meter": meter,
+    }
+
+
+def save_training_state(trainer: Trainer, epoch: int, iter_in_epoch: int, step: int,
+                        meter: Dict[str, Any], names: List[str]) -> None:
+    """Collective: rank 0 writes the checkpoint under each of ``names``; an error there (a
+    full disk) stops every rank and the last good file stays."""
+    info = trainer.info
+    states = gather_rng_states(rng_state(trainer.mask_gen, trainer.device), info)
+    error = None
+    if info.is_main:
+        try:
+            obj = checkpoint_dict(trainer, epoch, iter_in_epoch, step, meter, states)
+            for name in names:
+                save_checkpoint(obj, trainer.out_dir / name)
+        except Exception as e:
+            error = e
+    raise_if_any_failed(error, info)
+    trainer.last_ckpt = trainer.out_dir / LAST
+
+
+def _checkpoint_names(config: PretrainConfig, epoch: int, stop: bool) -> List[str]:
+    names = []
+    if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs or stop:
+        names.append(LAST)
+    if config.keep_every and (epoch + 1) % config.keep_every == 0:
+        names.append(f"checkpoint-{epoch}.pth")
+    return names
+
+
 # --------------------------------------------------------------------------- training
 
 
-def resolve_args(args: Dict[str, Any], info: DistInfo, device: torch.device) -> Dict[str, Any]:
-    """Fill derived settings (effective batch, absolute lr, AMP) and check the rest."""
-    args = dict(args)
-    if args.get("input_size") is None:
-        args["input_size"] = TOY_INPUT_SIZE if args.get("data_path") is None else DEFAULT_INPUT_SIZE
-    if args["input_size"] % 16:
-        raise SettingsError(f"--input_size must be a multiple of 16, got {args['input_size']}")
-    if not 0.0 < args["mask_ratio"] < 1.0:
-        raise SettingsError(f"--mask_ratio must be in (0, 1), got {args['mask_ratio']}")
-    for key in ("batch_size", "accum_iter", "epochs"):
-        if args[key] < 1:
-            raise SettingsError(f"--{key} must be >= 1, got {args[key]}")
-    args["world_size"] = info.world_size
-    args["eff_batch_size"] = args["batch_size"] * args["accum_iter"] * info.world_size
-    if args.get("lr") is None:
-        args["lr"] = args["blr"] * args["eff_batch_size"] / 256
-    amp = args.get("amp") or ("bf16" if device.type == "cuda" else "off")
-    if amp == "fp16" and device.type != "cuda":
-        raise SettingsError("--amp fp16 needs a CUDA device; use --amp bf16 or off on the CPU")
-    args["amp"] = amp
-    args["device"] = str(device)
-    args["decode"] = args.get("decode") or "cpu"
-    check_decode_device(args["decode"], device)
-    if args.get("num_workers") is None:
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        cores = (os.cpu_count() or 1) // max(per_node, 1)
-        args["num_workers"] = min(8, cores) if device.type == "cuda" else 0
-    return args
-
-
-def train(args: Dict[str, Any]) -> TrainResult:
-    """Run pretraining with the settings of ``pretrain/main.py`` (a dict)."""
-    info, device = init_distributed(args.get("device"))
+def train(config: PretrainConfig) -> TrainResult:
+    """Run pretraining with the settings of ``pretrain/main.py``."""
+    setup_logging()
+    info, device = init_distributed(config.device)
     try:
         with contextlib.ExitStack() as stack:  # holds the output folder's lock
-            return _train(args, info, device, stack)
+            return _train(config, info, device, stack)
     except RuntimeError as e:
         # A peer stopped (its own error line is above) or the network failed: no traceback.
         # gloo reports a peer that exited as a plain RuntimeError.
@@ -422,335 +885,90 @@ def train(args: Dict[str, Any]) -> TrainResult:
             dist.destroy_process_group()
 
 
-def _train(args: Dict[str, Any], info: DistInfo, device: torch.device,
+def _train(config: PretrainConfig, info: DistInfo, device: torch.device,
            stack: contextlib.ExitStack) -> TrainResult:
-    setup_error: Optional[BaseException] = None
-    try:  # every rank's setup must succeed before the first collective (DDP's broadcast)
-        args = resolve_args(args, info, device)
-        out_dir = Path(args["output_dir"])
-        if info.is_main:  # one run per output folder; then clean up after interrupted saves
-            stack.enter_context(_lock_output_dir(out_dir))
-            for tmp in remove_stale_temporaries(out_dir):
-                print(f"removed {tmp.name}, left by an interrupted checkpoint save",
-                      file=sys.stderr)
-        if device.type == "cuda":  # fixed input size; TF32 for the fp32 matmuls autocast leaves
-            # Autotuning may pick other kernels in another run: off where runs must repeat bit
-            # for bit (torch.use_deterministic_algorithms, as the CUDA exact-resume test does).
-            torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        seed = args["seed"] + info.rank
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2 ** 32)
-        random.seed(seed)
-        mask_gen = torch.Generator().manual_seed(seed + 1_000_003)
-
-        # ---- everything that can fail on bad input happens before the first step
-        gpu_decode = args["decode"] == "gpu"  # workers read bytes, this process decodes on GPU
-        dataset = (build_encoded_dataset if gpu_decode else build_dataset)(
-            args.get("data_path"), args["input_size"])
-        sampler = ResumableSampler(dataset, info.world_size, info.rank, shuffle=True,
-                                   seed=args["seed"])
-        iters_per_epoch = sampler.num_samples // args["batch_size"]
-        steps_per_epoch = iters_per_epoch // args["accum_iter"]
-        if steps_per_epoch < 1:
-            raise DataError(
-                f"{len(dataset)} images under {dataset.root} give {sampler.num_samples} per "
-                f"process, fewer than batch_size x accum_iter = "
-                f"{args['batch_size'] * args['accum_iter']}")
-        total_steps = steps_per_epoch * args["epochs"]
-        warmup_steps = int(round(args["warmup_epochs"] * steps_per_epoch))
-
-        model = build_pretrain_model(args)
-        resume_path = find_resume(args)
-        ckpt = None
-        if resume_path is not None:
-            ckpt = load_checkpoint(resume_path)
-            check_resume_compatible(ckpt, args, resume_path)
-            load_training_state(ckpt, model, resume_path)
-        model.to(device)
-        optimizer = build_optimizer(model, args, device)
-        scaler = torch.amp.GradScaler(device.type, enabled=args["amp"] == "fp16")
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args["amp"])
-
-        start_epoch, start_iter, step = 0, 0, 0
-        meter_init = None
-        rng_restore = None
-        if ckpt is not None:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            start_epoch, start_iter = ckpt["epoch"], ckpt.get("iter_in_epoch", 0)
-            step = ckpt["step"]
-            old = ckpt["args"]
-            changed = [k for k in LAYOUT_ARGS if old.get(k) != args.get(k)]
-            changed += ["steps_per_epoch"] if ckpt.get("steps_per_epoch") != steps_per_epoch else []
-            if changed and start_iter:
-                raise ResumeError(
-                    f"cannot resume {resume_path} in the middle of epoch {start_epoch}: "
-                    f"{', '.join(changed)} differ from the interrupted run")
-            if changed:
-                step = start_epoch * steps_per_epoch
-                print(f"note: {', '.join(changed)} changed; resuming at the start of epoch "
-                      f"{start_epoch} (step {step})", file=sys.stderr)
-            else:
-                meter_init = ckpt.get("epoch_meter")
-                states = ckpt.get("rng") or []
-                if len(states) == info.world_size:
-                    rng_restore = states[info.rank]
-            now = _plain(args)
-            notes = sorted(k for k in old if k not in ARCH_ARGS + LAYOUT_ARGS and k in now
-                           and old[k] != now[k] and k not in ("resume", "auto_resume", "max_steps"))
-            if info.is_main:
-                print(f"resuming from {resume_path}: epoch {start_epoch}, step {step}"
-                      + (f"; settings now different: {', '.join(notes)}" if notes else ""))
-            del ckpt
-        if info.is_main:  # log.txt then holds the epochs of the checkpoint resumed, if any
-            dropped = trim_log(out_dir / "log.txt", start_epoch)
-            if dropped:
-                print(f"note: dropped {dropped} line(s) of log.txt of epochs >= {start_epoch} "
-                      f"(written after the last checkpoint, or by an earlier run)",
-                      file=sys.stderr)
-    except Exception as e:
-        setup_error = e
-    raise_if_any_failed(setup_error, info)
-
-    raw_model = model
-    ddp_model: torch.nn.Module = model
-    if info.world_size > 1:
-        with warnings.catch_warnings():  # torch 2.14 deprecates it; its successor differs
-            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
-            ddp_model = DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None,
-                broadcast_buffers=False)
-    fwd_model = torch.compile(ddp_model) if args.get("compile") else ddp_model
-
-    loader = DataLoader(
-        dataset, batch_size=args["batch_size"], sampler=sampler, drop_last=True,
-        num_workers=args["num_workers"], pin_memory=device.type == "cuda" and not gpu_decode,
-        persistent_workers=args["num_workers"] > 0,
-        collate_fn=collate_encoded if gpu_decode else None,
-        generator=torch.Generator().manual_seed(args["seed"]))
-    decoder = GPUDecoder(device, args["input_size"]) if gpu_decode else None
-
+    trainer = setup(config, info, device, stack)
+    wrap_model(trainer)
+    config, schedule, start = trainer.config, trainer.schedule, trainer.start
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"pretraining {args['model']} (pyramid {args['pyramid']}, mfm {args['mfm']}) on "
-              f"{len(dataset)} images from {dataset.root}; {n_train / 1e6:.2f}M trainable params; "
-              f"effective batch {args['eff_batch_size']}, lr {args['lr']:.3e}, "
-              f"{steps_per_epoch} steps/epoch, {total_steps} steps; device {device}, "
-              f"amp {args['amp']}, world size {info.world_size}", flush=True)
-
+        trainer.out_dir.mkdir(parents=True, exist_ok=True)
+        n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        log.info(f"pretraining {config.model} (pyramid {config.pyramid}, mfm {config.mfm}) on "
+                 f"{len(trainer.dataset)} images from {trainer.dataset.root}; "
+                 f"{n_train / 1e6:.2f}M trainable params; effective batch "
+                 f"{config.eff_batch_size}, lr {config.lr:.3e}, {schedule.steps_per_epoch} "
+                 f"steps/epoch, {schedule.total_steps} steps; device {device}, amp "
+                 f"{config.amp}, world size {info.world_size}")
     vis_batch = None
-    if info.is_main and args.get("vis_images", 0) > 0:
-        vis_batch = dataset.fixed_batch(args["vis_images"])
-
-    max_steps = args.get("max_steps")
-    end_step = min(total_steps, max_steps) if max_steps else total_steps
-    logger = Logger(args, info, total=end_step, initial=min(step, end_step))
+    if info.is_main and config.vis_images > 0:
+        vis_batch = trainer.dataset.fixed_batch(config.vis_images)
+    logger = Logger(config, info, total=schedule.end_step,
+                    initial=min(start.step, schedule.end_step))
     history: List[Dict[str, float]] = []
-    grid = (args["input_size"] // 16,) * 2
-    num_tokens = grid[0] * grid[1]
-    accum = args["accum_iter"]
-    max_bad = args.get("max_bad_fraction", 0.01) * sampler.num_samples
-    last_ckpt: Optional[Path] = resume_path  # the last good checkpoint of this run
+    step_log = StepLog(trainer, logger, history, time.time(), start.step)
+    if start.rng is not None:
+        set_rng_state(start.rng, trainer.mask_gen, device)
 
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
-    def save(epoch: int, iter_in_epoch: int, meter: Dict[str, Any], names: List[str]) -> None:
-        nonlocal last_ckpt
-        states = gather_rng_states(rng_state(mask_gen, device), info)
-        error = None
-        if info.is_main:
-            try:
-                obj = checkpoint_dict(epoch, iter_in_epoch, meter, states)
-                for name in names:
-                    save_checkpoint(obj, out_dir / name)
-            except Exception as e:  # a full disk: stop every rank, the last good file stays
-                error = e
-        raise_if_any_failed(error, info)
-        last_ckpt = out_dir / LAST
-
-    def checkpoint_dict(epoch: int, iter_in_epoch: int, meter: Dict[str, Any],
-                        states: List[Dict[str, Any]]) -> Dict[str, Any]:
-        return {
-            **model_metadata(args["model"], raw_model.encoder.model_overrides),
-            **D2_LOAD_FLAGS,  # stock Detectron2 loads "model" into backbone.net
-            "model": raw_model.encoder.state_dict(),
-            "decoder": raw_model.decoder.state_dict(),
-            "mfm_heads": raw_model.mfm_heads.state_dict(),
-            "teacher": raw_model.teacher_state(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "epoch": epoch, "iter_in_epoch": iter_in_epoch, "step": step,
-            "steps_per_epoch": steps_per_epoch,
-            "args": _plain({k: v for k, v in args.items()}),
-            "rng": states,
-            "epoch_meter": meter,
-        }
-
-    def check_finite(values: torch.Tensor, steps: List[int], epoch: int) -> None:
-        bad = ~torch.isfinite(values).all(dim=1)
-        if bool(bad.any()):
-            first = steps[int(bad.nonzero()[0, 0])]
-            kept = (f"the last good checkpoint {last_ckpt} was kept" if last_ckpt is not None
-                    else "no checkpoint of this run had been written yet")
-            raise TrainingDiverged(
-                f"non-finite loss at step {first} (epoch {epoch}); stopping ({kept}). "
-                f"Try a lower --blr, --clip_grad, or --amp bf16 instead of fp16.")
-
-    if rng_restore is not None:
-        set_rng_state(rng_restore, mask_gen, device)
-
-    stop = step >= end_step
-    epoch = start_epoch
-    t_start = time.time()
-    steps_done_here = 0
-    for epoch in range(start_epoch, args["epochs"]):
-        if stop:
+    step, epoch = start.step, start.epoch
+    for epoch in range(start.epoch, config.epochs):
+        if step >= schedule.end_step:
             break
-        skip_iters = start_iter if epoch == start_epoch else 0
-        sampler.set_epoch(epoch, skip=skip_iters * args["batch_size"])
-        fwd_model.train()
-        sums = torch.zeros(3, device=device)  # loss, mim, mfm summed over steps
-        count, epoch_bad = 0, 0
-        bad_error: Optional[DataError] = None
-        if meter_init is not None and epoch == start_epoch and skip_iters:
-            sums += torch.tensor(meter_init["sums"], device=device)
-            count, epoch_bad = meter_init["count"], meter_init["bad"]
-        # Per-step [loss, mim, mfm] on the device since the last log point (synced there only).
-        pending: List[torch.Tensor] = []
-        pending_steps: List[int] = []
-        pending_lrs: List[float] = []
-        step_acc = torch.zeros(3, device=device)
-        t_log, n_log = time.time(), 0
-        t_epoch, n_epoch = time.time(), 0
-        it = iter(loader)
-        for i in range(skip_iters, steps_per_epoch * accum):
-            images, bad = next(it)
-            epoch_bad += int(bad.sum())
-            if epoch_bad > max_bad and bad_error is None:
-                bad_error = DataError(
-                    f"{epoch_bad} unreadable images in epoch {epoch}, more than "
-                    f"--max_bad_fraction {args.get('max_bad_fraction', 0.01)} of "
-                    f"{sampler.num_samples}; check the data under {dataset.root}")
-                if info.world_size == 1:
-                    raise bad_error
-                # Several processes: all stop together at the next log point (one message).
-            images = normalize(decoder(images) if decoder is not None
-                               else images.to(device, non_blocking=True))
-            masks = random_masking(images.shape[0], num_tokens, args["mask_ratio"], mask_gen,
-                                   device)
-            last_micro = (i + 1) % accum == 0
-            sync = (contextlib.nullcontext() if last_micro or info.world_size == 1
-                    else ddp_model.no_sync())
-            with sync:
-                with autocast():
-                    out = fwd_model(images, masks)
-                scaler.scale(out.loss / accum).backward()
-            step_acc += torch.stack([out.loss.detach(), out.mim, out.mfm]) / accum
-            if not last_micro:
-                continue
-
-            lr = lr_at(step, args["lr"], args["min_lr"], warmup_steps, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if args.get("clip_grad"):
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(
-                    [p for g in optimizer.param_groups for p in g["params"]], args["clip_grad"])
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if isinstance(raw_model.teacher, EMATeacher):
-                raw_model.teacher.update(
-                    raw_model.encoder.backbone,
-                    ema_momentum(step, total_steps, args["ema_momentum"]))
-            step += 1
-            steps_done_here += 1
-            sums += step_acc
-            count += 1
-            pending.append(step_acc)
-            pending_steps.append(step)
-            pending_lrs.append(lr)
-            step_acc = torch.zeros(3, device=device)
-            n_log += images.shape[0] * accum * info.world_size
-            n_epoch += images.shape[0] * accum * info.world_size
-            stop = step >= end_step
-
-            if len(pending) >= args["log_every"] or stop or i + 1 == steps_per_epoch * accum:
-                if info.world_size > 1:
-                    raise_if_any_failed(bad_error, info)
-                values = all_reduce_mean(torch.stack(pending), info).cpu()  # one host sync
-                check_finite(values, pending_steps, epoch)
-                now = time.time()
-                img_s = n_log / max(now - t_log, 1e-9)
-                eta = (now - t_start) / max(steps_done_here, 1) * (end_step - step)
-                for s, lr_s, row in zip(pending_steps, pending_lrs, values.tolist()):
-                    history.append({"step": s, "epoch": epoch, "loss": row[0], "mim": row[1],
-                                    "mfm": row[2], "lr": lr_s})
-                last = history[-1]
-                logger.step({"loss": last["loss"], "mim": last["mim"], "mfm": last["mfm"],
-                             "lr": last["lr"], "img_per_s": img_s}, step, epoch, eta,
-                            len(pending))
-                pending, pending_steps, pending_lrs = [], [], []
-                t_log, n_log = now, 0
-            if stop:
-                break
-        del it
-
-        epoch_done = not stop or i + 1 == steps_per_epoch * accum
-        totals = all_reduce_mean(sums, info).cpu().tolist()
-        # Rank-averaged sums: each rank resumes from the mean, so the epoch mean stays exact.
-        meter = {"sums": totals, "count": count, "bad": epoch_bad}
-        if epoch_done:
-            n = max(count, 1)
-            logger.epoch({
-                "epoch": epoch, "step": step, "train_loss": totals[0] / n,
-                "train_mim": totals[1] / n, "train_mfm": totals[2] / n,
-                "lr": optimizer.param_groups[0]["lr"], "unreadable_images": epoch_bad,
-                "img_per_s": n_epoch / max(time.time() - t_epoch, 1e-9),
-                "time_s": time.time() - t_epoch,
-            })
-            if vis_batch is not None:
-                write_reconstruction(raw_model, vis_batch, args, device, autocast,
-                                     out_dir / "reconstruction" / f"epoch_{epoch:04d}.png")
-            last_epoch = epoch + 1 == args["epochs"]
-            names = []
-            if (epoch + 1) % args["save_every"] == 0 or last_epoch or stop:
-                names.append(LAST)
-            if args.get("keep_every") and (epoch + 1) % args["keep_every"] == 0:
-                names.append(f"checkpoint-{epoch}.pth")
-            if names:
-                save(epoch + 1, 0, {"sums": [0.0] * 3, "count": 0, "bad": 0}, names)
+        t_epoch, step_before = time.time(), step
+        step, meter, iters = train_one_epoch(trainer, epoch, step, step_log)
+        stop = step >= schedule.end_step
+        if iters == schedule.steps_per_epoch * config.accum_iter:  # the epoch is complete
+            end_epoch(trainer, logger, epoch, step, meter, stop, vis_batch,
+                      (step - step_before) * config.batch_size * config.accum_iter
+                      * info.world_size / max(time.time() - t_epoch, 1e-9), t_epoch)
         else:  # stopped by --max_steps in the middle of the epoch
             if vis_batch is not None:
-                write_reconstruction(raw_model, vis_batch, args, device, autocast,
-                                     out_dir / "reconstruction" / f"step_{step:07d}.png")
-            save(epoch, i + 1, meter, [LAST])
-        start_iter = 0
+                write_reconstruction(trainer, vis_batch, trainer.out_dir / "reconstruction"
+                                     / f"step_{step:07d}.png")
+            save_training_state(trainer, epoch, iters, step, meter.state(info), [LAST])
 
     logger.close()
     if info.is_main:
-        print(f"done: step {step} of {total_steps}; checkpoint {last_ckpt}", flush=True)
-        if decoder is not None:
-            print(f"--decode gpu: {decoder.cpu_fallbacks} of {decoder.images} images were "
-                  f"decoded on the CPU (CMYK / grayscale JPEGs, other formats)", flush=True)
-    return TrainResult(model=raw_model, step=step, epoch=epoch, history=history,
-                       checkpoint=last_ckpt)
+        log.info(f"done: step {step} of {schedule.total_steps}; checkpoint {trainer.last_ckpt}")
+        if trainer.decoder is not None:
+            log.info(f"--decode gpu: {trainer.decoder.cpu_fallbacks} of "
+                     f"{trainer.decoder.images} images were decoded on the CPU (CMYK / "
+                     f"grayscale JPEGs, other formats)")
+    return TrainResult(model=trainer.model, step=step, epoch=epoch, history=history,
+                       checkpoint=trainer.last_ckpt)
 
 
-def write_reconstruction(model: PretrainModel, images: torch.Tensor, args: Dict[str, Any],
-                         device: torch.device, autocast, path: Path) -> None:
+def end_epoch(trainer: Trainer, logger: Logger, epoch: int, step: int, meter: EpochMeter,
+              stop: bool, vis_batch: Optional[torch.Tensor], img_per_s: float,
+              t_epoch: float) -> None:
+    """The epoch's line in log.txt, its reconstruction grid and its checkpoints."""
+    totals = meter.state(trainer.info)["sums"]
+    n = max(meter.count, 1)
+    logger.epoch({
+        "epoch": epoch, "step": step, "train_loss": totals[0] / n,
+        "train_mim": totals[1] / n, "train_mfm": totals[2] / n,
+        "lr": trainer.optimizer.param_groups[0]["lr"], "unreadable_images": meter.bad,
+        "img_per_s": img_per_s, "time_s": time.time() - t_epoch,
+    })
+    if vis_batch is not None:
+        write_reconstruction(trainer, vis_batch,
+                             trainer.out_dir / "reconstruction" / f"epoch_{epoch:04d}.png")
+    names = _checkpoint_names(trainer.config, epoch, stop)
+    if names:
+        save_training_state(trainer, epoch + 1, 0, step, {"sums": [0.0] * 3, "count": 0, "bad": 0},
+                            names)
+
+
+def write_reconstruction(trainer: Trainer, images: torch.Tensor, path: Path) -> None:
+    model = trainer.model
     was_training = model.training
     model.eval()
-    with autocast():
-        grid = reconstruction_grid(model, images.to(device), args["mask_ratio"], seed=0)
+    with trainer.autocast():
+        grid = reconstruction_grid(model, images.to(trainer.device), trainer.config.mask_ratio,
+                                   seed=0)
     model.train(was_training)
     save_image(grid, path)
 
 
-__all__ = ["train", "TrainResult", "ResumeError", "TrainingDiverged", "PeerStopped", "trim_log",
-           "lr_at", "param_groups", "init_distributed", "LAST"]
+__all__ = ["train", "train_step", "train_one_epoch", "setup", "resolve_config", "Trainer",
+           "TrainResult", "ResumeError", "TrainingDiverged", "PeerStopped", "trim_log", "lr_at",
+           "param_groups", "init_distributed", "LAST"]

@@ -264,7 +264,9 @@ def main(argv: Optional[List[str]] = None) -> TrainResult:
         if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports it
             raise PeerStopped() from None
         raise
-    return train({k: v for k, v in vars(args).items() if k != "debug"})
+    from pretrain.config import PretrainConfig
+
+    return train(PretrainConfig.from_namespace(args))
 
 
 def cli(argv: Optional[List[str]] = None) -> int:

@@ -40,7 +40,7 @@ import copy
 import logging
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -49,34 +49,17 @@ import torch.nn.functional as F
 from itpn_d2.checkpoint import CheckpointError, load_torch_file
 from itpn_d2.errors import UserError
 from itpn_d2.modeling import ITPN, HiViT, build_itpn, map_to_tokens
+from itpn_d2.modeling.itpn import DECODER_SIZES, DecoderSize  # noqa: F401  (re-exported)
 from itpn_d2.modeling.layers import (AttentionBlock, LayerNorm, gather_tokens, init_weights,
                                      sincos_pos_embed_2d)
 
+from .config import PretrainConfig
 from .data import denormalize
 
 PATCH_SIZE = 16
 LEVEL_SUBS = (4, 2, 1)  # sub-grid side of each pyramid level, strides 4, 8, 16
 MFM_MODES = ("ema", "clip", "none")
 MFM_LOSSES = ("smooth_l1", "cosine")
-
-
-class DecoderSize(NamedTuple):
-    dim: int
-    depth: int
-    heads: int
-    mfm_dim: int
-    mfm_heads: int
-
-
-# Pixel decoder (width, blocks, heads) and MFM head (width, heads) per model. Base follows the
-# published pixel recipe (512-d, 8 blocks, 16 heads).
-DECODER_SIZES: Dict[str, DecoderSize] = {
-    "itpn_nano": DecoderSize(128, 2, 4, 128, 4),
-    "itpn_tiny": DecoderSize(256, 4, 8, 256, 8),
-    "itpn_small": DecoderSize(512, 8, 16, 256, 8),
-    "itpn_base": DecoderSize(512, 8, 16, 256, 8),
-    "itpn_large": DecoderSize(512, 8, 16, 256, 8),
-}
 
 
 class SettingsError(UserError, ValueError):
@@ -550,55 +533,57 @@ class PretrainModel(nn.Module):
 # --------------------------------------------------------------------------- builder
 
 
-def encoder_overrides(args: Mapping[str, Any]) -> Dict[str, Any]:
-    """``build_itpn`` overrides recorded in checkpoints for the pretraining settings ``args``."""
-    pyramid = args["pyramid"] == "on"
-    out: Dict[str, Any] = {"img_size": args["input_size"], "rpe": bool(args["rpe"])}
-    if pyramid:
-        out["fpn_depth"] = args["fpn_depth"]
+def encoder_overrides(config: PretrainConfig) -> Dict[str, Any]:
+    """``build_itpn`` overrides recorded in checkpoints for the pretraining settings."""
+    out: Dict[str, Any] = {"img_size": config.input_size, "rpe": bool(config.rpe)}
+    if config.use_pyramid:
+        out["fpn_depth"] = config.fpn_depth
     else:
         out["pyramid"] = False
-    if args.get("layer_scale_init") is not None:
-        out["layer_scale_init"] = args["layer_scale_init"]
-    if args.get("drop_path", 0.0) > 0:
-        out["drop_path_rate"] = args["drop_path"]
+    if config.layer_scale_init is not None:
+        out["layer_scale_init"] = config.layer_scale_init
+    if config.drop_path > 0:
+        out["drop_path_rate"] = config.drop_path
     return out
 
 
-def decoder_size(args: Mapping[str, Any]) -> DecoderSize:
+def decoder_size(config: PretrainConfig) -> DecoderSize:
     """The model's default decoder size with any ``decoder_*`` / ``mfm_dim`` override applied."""
-    size = DECODER_SIZES[args["model"]]
-    changes = {k: args[a] for k, a in (("dim", "decoder_dim"), ("depth", "decoder_depth"),
-                                       ("heads", "decoder_heads"), ("mfm_dim", "mfm_dim"))
-               if args.get(a) is not None}
-    return size._replace(**changes)
+    changes = {k: v for k, v in (("dim", config.decoder_dim), ("depth", config.decoder_depth),
+                                 ("heads", config.decoder_heads), ("mfm_dim", config.mfm_dim))
+               if v is not None}
+    return DECODER_SIZES[config.model]._replace(**changes)
 
 
-def build_teacher(args: Mapping[str, Any], encoder: ITPN) -> Optional[nn.Module]:
-    if args["mfm"] == "none":
+def build_teacher(mfm: str, encoder: ITPN, teacher: str = "ViT-B-16",
+                  teacher_checkpoint: Optional[str] = None) -> Optional[nn.Module]:
+    """The MFM teacher of ``--mfm`` (``none``: no teacher) for ``encoder``."""
+    if mfm == "none":
         return None
-    if args["pyramid"] != "on":
-        raise SettingsError(f"--mfm {args['mfm']} supervises the pyramid levels, but --pyramid off "
-                         f"trains without pyramid (the HiViT + MAE baseline): use --mfm none")
-    if args["mfm"] == "ema":
+    if encoder.pyramid is None:
+        raise SettingsError(f"--mfm {mfm} supervises the pyramid levels, but --pyramid off "
+                            f"trains without pyramid (the HiViT + MAE baseline): use --mfm none")
+    if mfm == "ema":
         return EMATeacher(encoder.backbone)
-    if args["mfm"] == "clip":
-        return ClipTeacher(args["teacher"], args.get("teacher_checkpoint"))
-    raise SettingsError(f"unknown --mfm {args['mfm']!r}; choose from {MFM_MODES}")
+    if mfm == "clip":
+        return ClipTeacher(teacher, teacher_checkpoint)
+    raise SettingsError(f"unknown --mfm {mfm!r}; choose from {MFM_MODES}")
 
 
-def build_pretrain_model(args: Mapping[str, Any]) -> PretrainModel:
-    """The pretraining model for the CLI settings ``args`` (a dict, see ``pretrain/main.py``)."""
-    if args["model"] not in DECODER_SIZES:
-        raise SettingsError(f"unknown model {args['model']!r}; available: "
+def build_pretrain_model(config: Union[PretrainConfig, Mapping[str, Any]]) -> PretrainModel:
+    """The pretraining model of ``config`` (a mapping, e.g. a checkpoint's ``args``, is read
+    through :meth:`PretrainConfig.from_dict`)."""
+    if not isinstance(config, PretrainConfig):
+        config = PretrainConfig.from_dict(config)
+    if config.model not in DECODER_SIZES:
+        raise SettingsError(f"unknown model {config.model!r}; available: "
                             f"{', '.join(DECODER_SIZES)}")
-    encoder = build_itpn(args["model"], **encoder_overrides(args))
-    size = decoder_size(args)
-    teacher = build_teacher(args, encoder)
+    encoder = build_itpn(config.model, **encoder_overrides(config))
+    size = decoder_size(config)
+    teacher = build_teacher(config.mfm, encoder, config.teacher, config.teacher_checkpoint)
     try:
         return PretrainModel(encoder, size.dim, size.depth, size.heads, teacher, size.mfm_dim,
-                             size.mfm_heads, args.get("mfm_weight", 1.0),
-                             args.get("mfm_loss", "smooth_l1"))
+                             size.mfm_heads, config.mfm_weight, config.mfm_loss)
     except (ValueError, AssertionError) as e:  # widths that do not divide (decoder heads, MFM)
         raise SettingsError(f"the decoder / MFM head sizes do not fit together: {e} "
                             f"(--decoder_dim, --decoder_heads, --mfm_dim)") from e

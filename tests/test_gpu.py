@@ -13,7 +13,8 @@ import torch
 
 from _pretrain_utils import REPO  # noqa: F401  (puts the repo root on sys.path)
 from pretrain.data import PretrainImages
-from pretrain.engine import DistInfo, build_optimizer, resolve_args
+from pretrain.config import PretrainConfig
+from pretrain.engine import DistInfo, build_optimizer, resolve_config
 from pretrain.main import get_args_parser, main as pretrain_main
 from pretrain.models import build_pretrain_model, random_masking
 
@@ -24,8 +25,8 @@ CUDA = torch.device("cuda")
 
 
 def pretrain_cfg(*argv):
-    args = vars(get_args_parser().parse_args(["--device", "cuda", *argv]))
-    return resolve_args(args, DistInfo(), CUDA)
+    args = get_args_parser().parse_args(["--device", "cuda", *argv])
+    return resolve_config(PretrainConfig.from_namespace(args), DistInfo(), CUDA)
 
 
 def dtype_probe(module):
@@ -39,7 +40,7 @@ def dtype_probe(module):
 
 def test_pretrain_step_bf16_autocast_and_fused_adamw():
     cfg = pretrain_cfg("--model", "itpn_base", "--mfm", "ema", "--batch_size", "16")
-    assert cfg["amp"] == "bf16"  # the CUDA default
+    assert cfg.amp == "bf16"  # the CUDA default
     model = build_pretrain_model(cfg).to(CUDA).train()
     optimizer = build_optimizer(model, cfg, CUDA)
     assert optimizer.defaults.get("fused") is True

@@ -11,7 +11,8 @@ from PIL import Image, ImageOps
 
 from _pretrain_utils import REPO  # noqa: F401  (puts the repo root on sys.path)
 from pretrain.data import PretrainImages, sample_crop, to_uint8_tensor
-from pretrain.engine import DistInfo, resolve_args
+from pretrain.config import PretrainConfig
+from pretrain.engine import DistInfo, resolve_config
 from pretrain.gpu_data import (EXIF_ORIENTATION, DecodeDeviceError, EncodedImages, GPUDecoder,
                                collate_encoded, decode_jpegs, orient, read_sample)
 from pretrain.main import get_args_parser
@@ -114,9 +115,9 @@ def test_decode_keeps_torchvision_deprecation_out_of_logs(jpeg_dir):
 
 
 def test_decode_gpu_needs_cuda():
-    args = vars(get_args_parser().parse_args(["--decode", "gpu", "--device", "cpu"]))
+    args = get_args_parser().parse_args(["--decode", "gpu", "--device", "cpu"])
     with pytest.raises(DecodeDeviceError) as e:
-        resolve_args(args, DistInfo(), torch.device("cpu"))
+        resolve_config(PretrainConfig.from_namespace(args), DistInfo(), torch.device("cpu"))
     assert str(e.value) == ("--decode gpu needs a CUDA device, got cpu; use --decode cpu "
                             "(the default) on this machine")
     assert get_args_parser().parse_args([]).decode == "cpu"

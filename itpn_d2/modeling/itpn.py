@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -140,6 +140,28 @@ ARCHS: Dict[str, Dict[str, Any]] = {
     "itpn_small": dict(embed_dim=384, mlp_depth=4, depth=20, num_heads=6),
     "itpn_base": dict(embed_dim=512, mlp_depth=3, depth=24, num_heads=8),
     "itpn_large": dict(embed_dim=768, mlp_depth=2, depth=40, num_heads=12),
+}
+
+
+class DecoderSize(NamedTuple):
+    """Pretraining decoder of an arch: pixel decoder and MFM heads (not part of the ITPN)."""
+
+    dim: int
+    depth: int
+    heads: int
+    mfm_dim: int
+    mfm_heads: int
+
+
+# The pretraining decoder of each entry of ARCHS (same keys; a test keeps them equal). Base
+# follows the published pixel recipe (512-d, 8 blocks, 16 heads). Checkpoints' decoder layout
+# follows from these sizes.
+DECODER_SIZES: Dict[str, DecoderSize] = {
+    "itpn_nano": DecoderSize(128, 2, 4, 128, 4),
+    "itpn_tiny": DecoderSize(256, 4, 8, 256, 8),
+    "itpn_small": DecoderSize(512, 8, 16, 256, 8),
+    "itpn_base": DecoderSize(512, 8, 16, 256, 8),
+    "itpn_large": DecoderSize(512, 8, 16, 256, 8),
 }
 
 BUILD_ARGS = tuple(p for p in inspect.signature(ITPN.__init__).parameters if p != "self")
