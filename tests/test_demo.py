@@ -106,8 +106,9 @@ def test_demo_smoke_run_end_to_end_then_reuse(tmp_path):
     assert det["iteration"] == demo.PRESETS["smoke"]["det_iters"]
     assert st["detection"]["results"] == {"bbox": det["bbox"], "segm": det["segm"]}
     assert set(det["bbox"]) >= {"AP", "AP50", "AP75"} and "AP" in det["segm"]
-    assert eval_history(out / "detection" / "metrics.json") == [
-        {"iteration": demo.PRESETS["smoke"]["det_iters"], "value": det["bbox"]["AP"]}]
+    iters = demo.PRESETS["smoke"]["det_iters"]
+    assert eval_history(out / "detection" / "metrics.json", iters) == [
+        {"iteration": iters, "value": det["bbox"]["AP"]}]
     untrained = read_eval_results(out / "untrained")
     assert untrained["iteration"] is None  # --eval-only
     seg = read_eval_results(out / "segmentation")

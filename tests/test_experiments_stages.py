@@ -27,8 +27,8 @@ def test_eval_results_round_trip_atomically(tmp_path):
 
 def test_eval_metrics_reads_the_file_and_names_it(tmp_path):
     stage = Stage("detection", "det", tmp_path, {})
-    with pytest.raises(stages.StageError,
-                       match=rf"stage 'detection': no readable evaluation results in .*{EVAL_RESULTS}"):
+    with pytest.raises(stages.StageError, match=r"stage 'detection': no readable evaluation "
+                                                rf"results in .*{EVAL_RESULTS}"):
         stages.eval_metrics(stage, ("bbox",))
     write_eval_results(tmp_path, {"bbox": {"AP": 2.5}, "segm": {"AP": 1.5}}, 4)
     assert stages.eval_metrics(stage, ("bbox", "sem_seg")) == {"bbox": {"AP": 2.5}}
@@ -37,12 +37,13 @@ def test_eval_metrics_reads_the_file_and_names_it(tmp_path):
 
 
 def test_eval_history_and_pretrain_summary_read_json_lines(tmp_path):
-    rows = [{"iteration": 9, "total_loss": 2.0}, {"iteration": 9, "bbox/AP": 5.0},
-            {"iteration": 19, "total_loss": 1.0, "bbox/AP": 7.5, "segm/AP": 3.0}]
+    # max_iter 20, eval_period 10: after iteration 10 (logged at 9), after the last (at 20)
+    rows = [{"iteration": 9, "total_loss": 2.0, "bbox/AP": 5.0},
+            {"iteration": 19, "total_loss": 1.0}, {"iteration": 20, "bbox/AP": 7.5, "segm/AP": 3.0}]
     (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    assert stages.eval_history(tmp_path / "metrics.json") == [
+    assert stages.eval_history(tmp_path / "metrics.json", 20) == [
         {"iteration": 10, "value": 5.0}, {"iteration": 20, "value": 7.5}]
-    assert stages.eval_history(tmp_path / "metrics.json", "segm") == [
+    assert stages.eval_history(tmp_path / "metrics.json", 20, "segm") == [
         {"iteration": 20, "value": 3.0}]
     log = [{"epoch": 0, "train_loss": 1.5, "train_mim": 1.0},
            {"epoch": 1, "train_loss": 0.5, "train_mim": 0.25}]
@@ -156,7 +157,8 @@ def test_runner_reuses_only_matching_finished_stages(tmp_path):
     (tmp_path / "s" / "out.txt").unlink()  # an output went missing: redone
     runner.run(make({"a": 2}), work)
     assert len(calls) == 3
-    Runner(tmp_path, tmp_path / "logs", progress=False, stream=out, force=True).run(make({"a": 2}), work)
+    forced = Runner(tmp_path, tmp_path / "logs", progress=False, stream=out, force=True)
+    forced.run(make({"a": 2}), work)
     assert len(calls) == 4  # --force
 
     (tmp_path / "s" / "stale.txt").write_text("old")

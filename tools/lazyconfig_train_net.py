@@ -122,10 +122,9 @@ def do_train(args, cfg):
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
         if comm.is_main_process() else None,
         # eval_period > 0: every eval_period iterations and after the last; 0: never.
-        # storage.iter: the last iteration run, also in after_train (where trainer.iter has
-        # moved past it)
-        hooks.EvalHook(cfg.train.eval_period,
-                       lambda: do_test(cfg, model, trainer.storage.iter + 1))
+        # iterations trained: trainer.iter + 1 after a step, max_iter after the last one
+        hooks.EvalHook(cfg.train.eval_period, lambda: do_test(
+            cfg, model, min(trainer.iter + 1, cfg.train.max_iter)))
         if cfg.train.eval_period > 0 else None,
         BadImageHook(bad_images, period=cfg.train.log_period),
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),

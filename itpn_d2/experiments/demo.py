@@ -240,7 +240,8 @@ class Demo:
                      "train.init_checkpoint": str(pretrain.out_dir / "backbone.pth"),
                      "dataloader.train.total_batch_size": batch, "optimizer.lr": lr,
                      **(extra or {})}
-        cmd = [python(), self.runner.script("tools/lazyconfig_train_net.py"), "--config-file", config,
+        cmd = [python(), self.runner.script("tools/lazyconfig_train_net.py"), "--config-file",
+               config,
                *d2_overrides(overrides)]
         self.runner.command(stage, cmd, d2_train_progress(iters))
 

@@ -192,8 +192,8 @@ class Runner:
         total_stages: shown as ``[i/total]`` (``None``: ``[i]``).
     """
 
-    def __init__(self, repo: Path, log_dir: Path, env: Optional[Dict[str, str]] = None, force: bool = False,
-                 dry_run: bool = False, progress: bool = True, stream=None,
+    def __init__(self, repo: Path, log_dir: Path, env: Optional[Dict[str, str]] = None,
+                 force: bool = False, dry_run: bool = False, progress: bool = True, stream=None,
                  total_stages: Optional[int] = None):
         self.repo = Path(repo)
         self.log_dir = Path(log_dir)
@@ -377,11 +377,18 @@ def eval_metrics(stage: Stage, tasks: Sequence[str], required: Sequence[str] = (
     return {t: results[t] for t in tasks if t in results}
 
 
-def eval_history(metrics_json: Path, task: str = "bbox", metric: str = "AP") -> List[Dict]:
+def eval_history(metrics_json: Path, max_iter: int, task: str = "bbox",
+                 metric: str = "AP") -> List[Dict]:
     """``[{"iteration": i, "value": v}]`` of every evaluation Detectron2's ``EvalHook`` put into
-    ``metrics.json`` (keys ``<task>/<metric>``, iterations counted from 1)."""
+    ``metrics.json`` (keys ``<task>/<metric>``), ``i`` = iterations trained before it.
+
+    Args:
+        metrics_json: the run's ``metrics.json``.
+        max_iter: the run's ``train.max_iter``. A periodic evaluation is logged at the 0-based
+            iteration it follows (``i - 1``), the one after the last iteration at ``max_iter``.
+    """
     key = f"{task}/{metric}"
-    return [{"iteration": row["iteration"] + 1, "value": row[key]}
+    return [{"iteration": min(row["iteration"] + 1, max_iter), "value": row[key]}
             for row in read_json_lines(metrics_json) if key in row]
 
 
