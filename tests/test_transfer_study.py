@@ -1,8 +1,7 @@
-"""tools/transfer_study.py: statistics, table and plot from known results; the commands it
+"""tools/transfer_study.py (itpn_d2.experiments.transfer_study): statistics, table and plot from known results; the commands it
 builds for toy and full-scale settings (dry run); and one tiny real study (two arms, two seeds,
 a few iterations) through pretraining, export, fine-tuning and COCO evaluation."""
 
-import importlib.util
 import json
 import shlex
 import subprocess
@@ -11,17 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from itpn_d2.experiments import transfer_study as study
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-study = _load("itpn_transfer_study", REPO / "tools" / "transfer_study.py")
+def _main(argv):
+    return study.main(study.parse_args(argv, REPO), REPO)
 
 
 def _runs():
@@ -56,17 +51,23 @@ def test_markdown_table_and_plot(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_arguments_are_checked(tmp_path):
-    for bad in (["--seeds", "0", "0"], ["--iters", "0"], ["--image-size", "100"],
-                ["--config-file", "configs/nope.py"],
-                ["--integral-checkpoint", str(tmp_path / "missing.pth")]):
-        with pytest.raises(SystemExit):
-            study.parse_args(bad + ["--device", "cpu"])
+def test_arguments_are_checked(tmp_path, capsys):
+    missing = tmp_path / "missing.pth"
+    for bad, message in ((["--seeds", "0", "0"], "--seeds must be distinct, got [0, 0]"),
+                         (["--iters", "0"], "--iters must be >= 1"),
+                         (["--image-size", "100"], "--image-size must be a multiple of 32"),
+                         (["--config-file", "configs/nope.py"],
+                          "--config-file configs/nope.py does not exist"),
+                         (["--integral-checkpoint", str(missing)],
+                          f"--integral-checkpoint {missing} does not exist")):
+        with pytest.raises(SystemExit) as e:
+            study.parse_args(bad + ["--device", "cpu"], REPO)
+        assert e.value.code == 2 and message in capsys.readouterr().err, bad
 
 
 def test_dry_run_toy_commands(tmp_path, capsys):
     out = tmp_path / "study"
-    assert study.main(["--output", str(out), "--dry-run", "--device", "cpu",
+    assert _main(["--output", str(out), "--dry-run", "--device", "cpu",
                        "--arms", "integral", "conventional", "scratch", "mim_only",
                        "--seeds", "0", "1"]) == 0
     text = capsys.readouterr().out
@@ -95,7 +96,7 @@ def test_dry_run_full_scale_commands_parse(tmp_path, capsys):
     ckpt = tmp_path / "integral.pth"
     ckpt.write_bytes(b"")
     out = tmp_path / "study"
-    assert study.main([
+    assert _main([
         "--output", str(out), "--dry-run", "--device", "cuda",
         "--config-file", "configs/coco/mask_rcnn_itpn_b.py", "--integral-checkpoint", str(ckpt),
         "--model", "itpn_base", "--pretrain-data", "/data/imagenet", "--pretrain-nproc", "8",

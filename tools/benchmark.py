@@ -39,26 +39,29 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
 if __name__ == "__main__":
     # As pretrain/main.py: OpenMP threads sleep instead of spinning while they wait, which keeps
     # CPU runs fast when other processes share the cores. Set before torch loads OpenMP; an
     # explicit OMP_WAIT_POLICY in the environment wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))  # pretrain/ and configs/ live in the repository root
 
 from itpn_d2.benchmark import (BenchmarkError, format_table, get_parser,  # noqa: E402,F401
                                resolve)
+from itpn_d2.errors import UserError  # noqa: E402
 
 
 def run(args, device) -> List[Any]:
     """The benchmark of the parsed ``args`` (detectron2 is imported only for d2 / --config)."""
     if args.command in ("pretrain", "data"):
-        from pretrain.benchmark import bench_data, bench_pretrain
+        try:
+            from pretrain.benchmark import bench_data, bench_pretrain
+        except ModuleNotFoundError as e:
+            if e.name != "pretrain":
+                raise
+            raise UserError("the pretrain package is not importable: install the repository "
+                            "(pip install -e .) or set PYTHONPATH to its root") from None
 
         return (bench_pretrain if args.command == "pretrain" else bench_data)(args, device)
     if args.command == "d2" or args.config:

@@ -46,6 +46,7 @@ from itpn_d2.d2.cli import launch_cli  # noqa: E402
 from itpn_d2.d2.config import (ConfigError, check_train_config,  # noqa: E402
                                eval_checkpoint_problem, load_config, move_trailing_flags)
 from itpn_d2.d2.data import prepare_datasets  # noqa: E402
+from itpn_d2.eval_results import write_eval_results  # noqa: E402
 
 logger = logging.getLogger("itpn_d2")
 
@@ -85,7 +86,9 @@ def make_trainer(cfg, model, data_loader, optimizer):
     return AMPTrainer(model, data_loader, optimizer, grad_scaler=scaler, precision=dtype)
 
 
-def do_test(cfg, model):
+def do_test(cfg, model, iteration=None):
+    """Evaluate; the results also go to ``train.output_dir/eval_results.json`` (read by the
+    experiment stages). ``iteration``: iterations trained so far (``None``: --eval-only)."""
     if "evaluator" not in cfg.dataloader:
         return {}
     with json_errors_named(cfg, "test"):
@@ -93,6 +96,8 @@ def do_test(cfg, model):
     with evaluation_image_errors():
         ret = inference_on_dataset(model, loader, instantiate(cfg.dataloader.evaluator))
     print_csv_format(ret)
+    if comm.is_main_process() and ret:
+        write_eval_results(cfg.train.output_dir, ret, iteration)
     return ret
 
 
@@ -117,7 +122,9 @@ def do_train(args, cfg):
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
         if comm.is_main_process() else None,
         # eval_period > 0: every eval_period iterations and after the last; 0: never.
-        hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model))
+        # iterations trained: trainer.iter + 1 after a step, max_iter after the last one
+        hooks.EvalHook(cfg.train.eval_period, lambda: do_test(
+            cfg, model, min(trainer.iter + 1, cfg.train.max_iter)))
         if cfg.train.eval_period > 0 else None,
         BadImageHook(bad_images, period=cfg.train.log_period),
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),

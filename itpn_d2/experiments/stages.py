@@ -1,5 +1,6 @@
-"""Shared machinery of ``tools/demo.py`` and ``tools/transfer_study.py``: cached stages that run
-this project's command-line tools as subprocesses, with a progress bar each.
+"""Shared machinery of the demo and the transfer study: cached stages that run this project's
+command-line tools (``tools/*.py``, ``pretrain/main.py`` of a checkout) as subprocesses, with a
+progress bar each.
 
 A stage is one command (pretraining, a Detectron2 fine-tune, an evaluation...) writing into its
 own folder. When it succeeds, ``stage.json`` in that folder records the stage's settings and the
@@ -9,11 +10,14 @@ interrupted, starts from an empty folder.
 
 The full output of every command goes to ``<log_dir>/<stage>.log``; the console shows one
 progress bar per stage, driven by the lines the tools print (pretraining steps, Detectron2
-iterations, evaluated images).
+iterations, evaluated images). Numbers come from the files the tools write, never from their
+printed text: ``eval_results.json`` (:mod:`itpn_d2.eval_results`), Detectron2's
+``metrics.json`` and pretraining's ``log.txt``. Imports no detectron2.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -26,11 +30,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
+from ..eval_results import EVAL_RESULTS, read_eval_results
+
 # Code whose changes invalidate cached stages (see source_hash): pretraining, and Detectron2
 # fine-tuning.
 PRETRAIN_CODE = ("pretrain", "itpn_d2/modeling")
@@ -38,39 +43,17 @@ D2_CODE = ("configs", "itpn_d2")
 RECORD = "stage.json"
 RECORD_VERSION = 1
 
-# ---------------------------------------------------------------------- output parsing
+# -------------------------------------------------------------------- progress lines
 # Lines printed by pretrain/main.py when its stderr is not a terminal (one per --log_every).
 PRETRAIN_TOTAL = re.compile(r"steps/epoch, (\d+) steps;")
 PRETRAIN_STEP = re.compile(r"^epoch (\d+) step (\d+): loss ([-\d.naninf]+)")
 # Detectron2's CommonMetricPrinter and inference_on_dataset.
 D2_ITER = re.compile(r"\biter: (\d+)\s+total_loss: ([-\d.naninf]+)")
 D2_INFERENCE = re.compile(r"Inference done (\d+)/(\d+)")
-D2_COPYPASTE = re.compile(r"copypaste: (.*)$")
 
 
 class StageError(RuntimeError):
     """A stage's command failed; the message names the stage, the command and its log."""
-
-
-def parse_copypaste(text: str) -> Dict[str, Dict[str, float]]:
-    """Metrics from Detectron2's ``print_csv_format`` lines (``copypaste: Task: bbox`` etc.).
-
-    Returns ``{task: {metric: value}}`` with the values of the LAST evaluation in ``text``
-    (AP on Detectron2's 0-100 scale; NaN where COCO could not compute a metric).
-    """
-    lines = [m.group(1).strip() for m in map(D2_COPYPASTE.search, text.splitlines()) if m]
-    results: Dict[str, Dict[str, float]] = {}
-    i = 0
-    while i < len(lines):
-        if lines[i].startswith("Task: ") and i + 2 < len(lines):
-            task = lines[i][len("Task: "):]
-            keys, values = lines[i + 1].split(","), lines[i + 2].split(",")
-            if len(keys) == len(values):
-                results[task] = {k: float(v) for k, v in zip(keys, values)}
-                i += 3
-                continue
-        i += 1
-    return results
 
 
 # ------------------------------------------------------------------------- progress
@@ -199,6 +182,7 @@ class Runner:
     """Runs stages in order: reuse or (re)run, log, time, report.
 
     Args:
+        repo: the checkout whose scripts the commands run (their working directory).
         log_dir: where ``<stage>.log`` files go.
         env: extra environment variables of every command.
         force: redo every stage even if its record matches.
@@ -208,9 +192,10 @@ class Runner:
         total_stages: shown as ``[i/total]`` (``None``: ``[i]``).
     """
 
-    def __init__(self, log_dir: Path, env: Optional[Dict[str, str]] = None, force: bool = False,
-                 dry_run: bool = False, progress: bool = True, stream=None,
+    def __init__(self, repo: Path, log_dir: Path, env: Optional[Dict[str, str]] = None,
+                 force: bool = False, dry_run: bool = False, progress: bool = True, stream=None,
                  total_stages: Optional[int] = None):
+        self.repo = Path(repo)
         self.log_dir = Path(log_dir)
         self.env = dict(env or {})
         self.force = force
@@ -249,16 +234,23 @@ class Runner:
                      + (f" ({summary})" if (summary := summarize(stage.results)) else ""))
         return stage
 
+    def script(self, name: str) -> str:
+        """Path of a script of the checkout (``tools/x.py``, ``pretrain/main.py``)."""
+        return str(self.repo / name)
+
     def command(self, stage: Stage, cmd: Sequence[str], progress: Optional[Progress] = None,
-                env: Optional[Dict[str, str]] = None, log_name: Optional[str] = None) -> str:
-        """Run ``cmd`` (from the repository root) with its output in the stage's log file and
-        a progress bar (none without ``progress``; none either when stderr is not a terminal);
-        return the output. Raises :class:`StageError` if it fails."""
+                env: Optional[Dict[str, str]] = None, log_name: Optional[str] = None) -> None:
+        """Run ``cmd`` (from the checkout's root) with its output in the stage's log file and
+        a progress bar (none without ``progress``; none either when stderr is not a terminal).
+        Raises :class:`StageError` if it fails.
+
+        The commands import ``itpn_d2`` (and ``pretrain``) as this process does: from the
+        installed package, or from ``PYTHONPATH`` if the environment sets it."""
         cmd = [str(c) for c in cmd]
         self.commands.append(cmd)
         if self.dry_run:
             self.say("  " + shlex.join(cmd))
-            return ""
+            return
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{log_name or stage.name}.log"
         full_env = {**os.environ, **self.env, **(env or {}), "PYTHONUNBUFFERED": "1"}
@@ -266,8 +258,6 @@ class Runner:
         # other processes share (measured: 5.6 vs 43 img/s pretraining itpn_nano on 2 busy
         # cores); waiting passively costs little on an idle machine.
         full_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        full_env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
         lines: List[str] = []
         show = self.progress and progress is not None
         bar = tqdm(total=progress.total if show else None, desc=f"  {log_name or stage.name}",
@@ -276,7 +266,7 @@ class Runner:
         with open(log_path, "w", buffering=1) as log:  # line-buffered: tail -f works
             log.write("$ " + shlex.join(cmd) + "\n")
             log.flush()
-            proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
+            proc = subprocess.Popen(cmd, cwd=self.repo, env=full_env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, errors="replace")
             try:
                 for line in proc.stdout:
@@ -295,7 +285,6 @@ class Runner:
             tail = "".join(lines[-25:])
             raise StageError(f"stage {stage.name!r} failed (exit status {rc}): "
                              f"{shlex.join(cmd)}\n--- last lines of {log_path} ---\n{tail}")
-        return "".join(lines)
 
 
 # -------------------------------------------------------------------------- helpers
@@ -317,15 +306,14 @@ def summarize(results: Dict) -> str:
     return ", ".join(parts)
 
 
-def source_hash(*folders: str) -> str:
-    """Short sha256 of the ``*.py`` files under ``folders`` (relative to the repository): part
-    of a stage's settings, so that a stage reruns after the code it runs changed."""
-    import hashlib
-
+def source_hash(repo: Path, *folders: str) -> str:
+    """Short sha256 of the ``*.py`` files under ``folders`` (relative to the checkout ``repo``):
+    part of a stage's settings, so that a stage reruns after the code it runs changed."""
+    repo = Path(repo)
     digest = hashlib.sha256()
     for folder in folders:
-        for path in sorted((REPO / folder).rglob("*.py")):
-            digest.update(str(path.relative_to(REPO)).encode())
+        for path in sorted((repo / folder).rglob("*.py")):
+            digest.update(str(path.relative_to(repo)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -351,19 +339,57 @@ def python() -> str:
     return sys.executable
 
 
-def tool(name: str) -> str:
-    """Path of a script of this repository (``tools/x.py``, ``pretrain/main.py``)."""
-    return str(REPO / name)
-
-
-def read_log_txt(path: Path) -> List[Dict]:
-    """pretrain/main.py's log.txt: one JSON object per epoch."""
+def read_json_lines(path: Path) -> List[Dict]:
+    """One JSON object per line: pretrain/main.py's ``log.txt`` (one per epoch), Detectron2's
+    ``metrics.json`` (one per logged iteration or evaluation)."""
     rows = []
     for line in Path(path).read_text().splitlines():
         line = line.strip()
         if line:
             rows.append(json.loads(line))
     return rows
+
+
+
+def pretrain_summary(out_dir: Path, losses: Sequence[str] = ("loss",)) -> Dict[str, float]:
+    """Epochs and first / final ``train_<name>`` of each loss name, from ``out_dir/log.txt``."""
+    rows = read_json_lines(Path(out_dir) / "log.txt")
+    summary: Dict[str, float] = {"epochs": len(rows)}
+    for name in losses:
+        summary[f"first_{name}"] = rows[0][f"train_{name}"]
+        summary[f"final_{name}"] = rows[-1][f"train_{name}"]
+    return summary
+
+
+def eval_metrics(stage: Stage, tasks: Sequence[str], required: Sequence[str] = ()) -> Dict:
+    """``{task: metrics}`` of ``tasks`` from the ``eval_results.json`` the train tool wrote in
+    ``stage.out_dir``; a task of ``required`` missing from it (or no file) is a
+    :class:`StageError` naming the file."""
+    path = stage.out_dir / EVAL_RESULTS
+    try:
+        results = read_eval_results(stage.out_dir)
+    except (OSError, ValueError) as e:
+        raise StageError(f"stage {stage.name!r}: no readable evaluation results in {path} "
+                         f"({e})") from None
+    missing = [t for t in required if t not in results]
+    if missing:
+        raise StageError(f"stage {stage.name!r}: no {', '.join(missing)} results in {path}")
+    return {t: results[t] for t in tasks if t in results}
+
+
+def eval_history(metrics_json: Path, max_iter: int, task: str = "bbox",
+                 metric: str = "AP") -> List[Dict]:
+    """``[{"iteration": i, "value": v}]`` of every evaluation Detectron2's ``EvalHook`` put into
+    ``metrics.json`` (keys ``<task>/<metric>``), ``i`` = iterations trained before it.
+
+    Args:
+        metrics_json: the run's ``metrics.json``.
+        max_iter: the run's ``train.max_iter``. A periodic evaluation is logged at the 0-based
+            iteration it follows (``i - 1``), the one after the last iteration at ``max_iter``.
+    """
+    key = f"{task}/{metric}"
+    return [{"iteration": min(row["iteration"] + 1, max_iter), "value": row[key]}
+            for row in read_json_lines(metrics_json) if key in row]
 
 
 def mean_std_ci(values: Iterable[float]) -> Dict[str, float]:
@@ -421,8 +447,8 @@ def d2_overrides(values: Dict[str, object]) -> List[str]:
     return out
 
 
-__all__ = ["Progress", "Runner", "Stage", "StageError", "d2_eval_progress", "d2_overrides",
-           "d2_train_progress", "format_duration", "mean_std_ci", "parse_copypaste",
-           "pretrain_progress", "python", "read_log_txt", "resolve_device", "source_hash",
-           "summarize", "t_quantile_975", "toy_env", "toy_size_overrides", "tool", "D2_CODE",
-           "PRETRAIN_CODE", "REPO"]
+__all__ = ["D2_CODE", "PRETRAIN_CODE", "Progress", "Runner", "Stage", "StageError",
+           "d2_eval_progress", "d2_overrides", "d2_train_progress", "eval_history",
+           "eval_metrics", "format_duration", "mean_std_ci", "pretrain_progress",
+           "pretrain_summary", "python", "read_json_lines", "resolve_device",
+           "source_hash", "summarize", "t_quantile_975", "toy_env", "toy_size_overrides"]

@@ -1,0 +1,414 @@
+"""The transfer study (``tools/transfer_study.py``): does a pre-trained pyramid fine-tune into a
+better detector than a random one?
+
+Fine-tunes one detector recipe with one budget from the starts of :data:`ARMS` over several
+seeds, each run a cached stage (:mod:`itpn_d2.experiments.stages`) whose box / mask AP comes
+from the ``eval_results.json`` the train tool writes; tabulates mean, standard deviation, 95%
+t interval and paired (same seed) differences, and plots them. Imports no detectron2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from ..data.toy import TOY_IMAGE_SIZE
+from .stages import (D2_CODE, PRETRAIN_CODE, Runner, Stage, StageError, d2_overrides,
+                     d2_train_progress, eval_metrics, format_duration, mean_std_ci,
+                     pretrain_progress, pretrain_summary, python, resolve_device, source_hash,
+                     toy_env, toy_size_overrides)
+
+ARMS = ("integral", "conventional", "scratch", "mim_only")
+# pretrain/main.py settings of each pre-trained arm.
+PRETRAIN_MODES = {
+    "integral": ("on", "ema"),
+    "conventional": ("off", "none"),
+    "mim_only": ("on", "none"),
+}
+ARM_LABELS = {
+    "integral": "integral (backbone + pyramid, MIM + MFM)",
+    "conventional": "conventional (backbone only, pyramid random)",
+    "scratch": "scratch (nothing pre-trained)",
+    "mim_only": "integral, MIM only (no MFM)",
+}
+TOY_CONFIG = "configs/toy/mask_rcnn_itpn_nano.py"
+
+
+def get_parser(repo: Path, description: Optional[str] = None) -> argparse.ArgumentParser:
+    """The study's command line (``repo``: the checkout; outputs default to its ``output/``)."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", type=Path, default=Path(repo) / "output" / "transfer_study")
+    p.add_argument("--arms", nargs="+", choices=ARMS,
+                   default=["integral", "conventional", "scratch"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                   help="fine-tuning seeds (at least 2 for a spread; 3 or more recommended)")
+    p.add_argument("--force", action="store_true", help="redo every stage")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per command (OMP_NUM_THREADS; default: PyTorch's choice)")
+    p.add_argument("--no-progress", action="store_true")
+
+    g = p.add_argument_group("toy data (used when the recipe reads itpn_toy_* datasets or "
+                             "pretraining has no --pretrain-data)")
+    g.add_argument("--num-train", type=int, default=256)
+    g.add_argument("--num-val", type=int, default=64)
+    g.add_argument("--image-size", type=int, default=TOY_IMAGE_SIZE)
+
+    g = p.add_argument_group("pretraining (pretrain/main.py; one shared budget for every arm)")
+    g.add_argument("--model", default="itpn_nano", help="--model of pretrain/main.py")
+    g.add_argument("--pretrain-data", default=None,
+                   help="--data_path (ImageNet-style folder); default: the toy train images")
+    g.add_argument("--input-size", type=int, default=None,
+                   help="--input_size (default: the toy image size on toy data, else 224)")
+    g.add_argument("--pretrain-epochs", type=int, default=30)
+    g.add_argument("--pretrain-batch", type=int, default=32, help="--batch_size per process")
+    g.add_argument("--pretrain-blr", type=float, default=5e-3)
+    g.add_argument("--pretrain-warmup", type=float, default=3)
+    g.add_argument("--pretrain-nproc", type=int, default=1,
+                   help="processes per node; > 1 launches pretraining with torchrun")
+    g.add_argument("--pretrain-args", default="",
+                   help="extra pretrain/main.py arguments, one quoted string")
+    for arm in PRETRAIN_MODES:
+        g.add_argument(f"--{arm.replace('_', '-')}-checkpoint", default=None,
+                       help=f"use this checkpoint for the {arm} arm instead of pre-training it")
+
+    g = p.add_argument_group("fine-tuning (tools/lazyconfig_train_net.py)")
+    g.add_argument("--config-file", default=TOY_CONFIG, help="detection LazyConfig recipe")
+    g.add_argument("--train-dataset", default=None, help="dataloader.train.dataset.names")
+    g.add_argument("--test-dataset", default=None, help="dataloader.test.dataset.names")
+    g.add_argument("--iters", type=int, default=240, help="train.max_iter of every run")
+    g.add_argument("--batch", type=int, default=2, help="dataloader.train.total_batch_size")
+    g.add_argument("--lr", type=float, default=1e-3, help="optimizer.lr")
+    g.add_argument("--num-gpus", type=int, default=1, help="GPUs per fine-tuning run")
+    g.add_argument("--set", dest="opts", action="append", default=[], metavar="KEY=VALUE",
+                   help="another override of the recipe for every run (repeatable), e.g. "
+                        "--set train.amp.enabled=True")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]], repo: Path,
+               description: Optional[str] = None) -> argparse.Namespace:
+    """Parsed and checked arguments (a bad value exits with argparse's usage message);
+    ``--config-file`` may be relative to the checkout ``repo``."""
+    p = get_parser(repo, description)
+    args = p.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds must be distinct, got {args.seeds}")
+    if len(set(args.arms)) != len(args.arms):
+        p.error(f"--arms must be distinct, got {args.arms}")
+    for key in ("iters", "batch", "num_gpus", "pretrain_epochs", "pretrain_batch",
+                "pretrain_nproc", "num_train", "num_val"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be >= 1")
+    if args.image_size % 32:
+        p.error(f"--image-size must be a multiple of 32, got {args.image_size}")
+    if not (Path(repo) / args.config_file).is_file() and not Path(args.config_file).is_file():
+        p.error(f"--config-file {args.config_file} does not exist")
+    for arm in PRETRAIN_MODES:
+        path = getattr(args, f"{arm}_checkpoint")
+        if path is not None and not Path(path).is_file():
+            p.error(f"--{arm.replace('_', '-')}-checkpoint {path} does not exist")
+    bad = [o for o in args.opts if "=" not in o]
+    if bad:
+        p.error(f"overrides must be key=value, got {bad}")
+    args.device = resolve_device(args.device)
+    args.output = args.output.resolve()
+    return args
+
+
+class Study:
+    """The study's stages; ``run()`` returns the summary written to results.json.
+
+    Args:
+        args: from :func:`parse_args`.
+        repo: the checkout whose tools the stages run.
+    """
+
+    def __init__(self, args: argparse.Namespace, repo: Path):
+        self.args = args
+        self.out = args.output
+        self.data_root = self.out / "data"
+        self.runner = Runner(repo, self.out / "logs", env=toy_env(self.data_root, args.threads),
+                             force=args.force, dry_run=args.dry_run,
+                             progress=not args.no_progress)
+        # hashed once: part of the settings of the stages that run this code
+        self.pretrain_code = source_hash(repo, *PRETRAIN_CODE)
+        self.d2_code = source_hash(repo, *D2_CODE)
+        self.toy_recipe = "configs/toy/" in Path(args.config_file).as_posix() \
+            and args.train_dataset is None
+        self.toy_pretrain = args.pretrain_data is None
+        self.input_size = args.input_size or (args.image_size if self.toy_pretrain else 224)
+
+    # ------------------------------------------------------------------ stages
+    def data(self) -> Optional[Stage]:
+        a = self.args
+        if not (self.toy_recipe or (self.toy_pretrain and self.pretrained_arms_to_train())):
+            return None
+        stage = Stage("data", "toy data", self.data_root,
+                      dict(num_train=a.num_train, num_val=a.num_val, image_size=a.image_size,
+                           seed=0), outputs=["meta.json"])
+
+        def work(stage: Stage) -> Dict:
+            self.runner.command(stage, [python(), self.runner.script("tools/make_toy_dataset.py"),
+                                        stage.out_dir, "--num-train", a.num_train,
+                                        "--num-val", a.num_val, "--image-size", a.image_size])
+            return {}
+
+        return self.runner.run(stage, work)
+
+    def pretrained_arms_to_train(self) -> List[str]:
+        return [arm for arm in self.args.arms
+                if arm in PRETRAIN_MODES and getattr(self.args, f"{arm}_checkpoint") is None]
+
+    def pretrain(self, arm: str, data: Optional[Stage]) -> Dict:
+        """The checkpoint of ``arm``: given on the command line, or pre-trained here."""
+        a = self.args
+        given = getattr(a, f"{arm}_checkpoint")
+        if given is not None:
+            return {"checkpoint": str(Path(given).resolve()), "fingerprint": {"given": given},
+                    "img_size": a.input_size or checkpoint_img_size(given)}
+        pyramid, mfm = PRETRAIN_MODES[arm]
+        data_path = a.pretrain_data or str(self.data_root / "images" / "train")
+        settings = dict(model=a.model, pyramid=pyramid, mfm=mfm, data_path=data_path,
+                        input_size=self.input_size, epochs=a.pretrain_epochs,
+                        batch_size=a.pretrain_batch, blr=a.pretrain_blr,
+                        warmup_epochs=a.pretrain_warmup, nproc=a.pretrain_nproc,
+                        extra=a.pretrain_args, device=a.device,
+                        code=self.pretrain_code,
+                        data=data.fingerprint() if data is not None and self.toy_pretrain
+                        else None)
+        stage = Stage(f"pretrain_{arm}", f"pretrain {a.model} for the {arm} arm "
+                      f"(--pyramid {pyramid} --mfm {mfm})", self.out / f"pretrain_{arm}",
+                      settings, outputs=["checkpoint-last.pth", "backbone.pth"])
+
+        def work(stage: Stage) -> Dict:
+            launcher = [python()]
+            if a.pretrain_nproc > 1:
+                launcher = [python(), "-m", "torch.distributed.run",
+                            f"--nproc_per_node={a.pretrain_nproc}"]
+            cmd = [*launcher, self.runner.script("pretrain/main.py"), "--model", a.model,
+                   "--data_path", data_path, "--input_size", self.input_size,
+                   "--pyramid", pyramid, "--mfm", mfm, "--batch_size", a.pretrain_batch,
+                   "--epochs", a.pretrain_epochs, "--warmup_epochs", a.pretrain_warmup,
+                   "--blr", a.pretrain_blr, "--device", a.device, "--output_dir",
+                   stage.out_dir, "--log_every", 5, "--vis_images", 0, *a.pretrain_args.split()]
+            total = None
+            if self.toy_pretrain:
+                total = a.pretrain_epochs * (a.num_train // (a.pretrain_batch * a.pretrain_nproc))
+            self.runner.command(stage, cmd, pretrain_progress(total))
+            self.runner.command(stage, [python(), self.runner.script("tools/export_backbone.py"),
+                                        stage.out_dir / "checkpoint-last.pth",
+                                        stage.out_dir / "backbone.pth"],
+                                log_name=f"export_{arm}")
+            return {} if a.dry_run else pretrain_summary(stage.out_dir)
+
+        self.runner.run(stage, work)
+        return {"checkpoint": str(stage.out_dir / "backbone.pth"),
+                "fingerprint": stage.fingerprint(), "img_size": self.input_size}
+
+    def finetune(self, arm: str, seed: int, start: Optional[Dict]) -> Stage:
+        a = self.args
+        settings = dict(config=a.config_file, iters=a.iters, batch=a.batch, lr=a.lr, seed=seed,
+                        num_gpus=a.num_gpus, device=a.device, train_dataset=a.train_dataset,
+                        test_dataset=a.test_dataset, opts=a.opts, image_size=a.image_size,
+                        start=start["fingerprint"] if start else None,
+                        code=self.d2_code,
+                        data=self.data_fp)
+        stage = Stage(f"finetune_{arm}_s{seed}", f"fine-tune {arm}, seed {seed}",
+                      self.out / "finetune" / f"{arm}_s{seed}", settings)
+
+        def work(stage: Stage) -> Dict:
+            overrides: Dict[str, object] = {
+                "train.output_dir": str(stage.out_dir),
+                "train.init_checkpoint": start["checkpoint"] if start else "",
+                "train.device": a.device,
+                "train.seed": seed,
+                "train.max_iter": a.iters,
+                "train.eval_period": a.iters,  # evaluate once, at the end
+                "train.checkpointer.period": a.iters + 1,  # model_final.pth only
+                "train.log_period": max(1, min(20, a.iters // 10)),
+                "dataloader.train.total_batch_size": a.batch,
+                "optimizer.lr": a.lr,
+            }
+            if self.toy_recipe:
+                overrides.update(toy_size_overrides("det", a.image_size))
+            img_size = start["img_size"] if start else (self.input_size if self.toy_pretrain
+                                                        else None)
+            if img_size:
+                overrides["model.backbone.net.img_size"] = img_size
+            if a.train_dataset:
+                overrides["dataloader.train.dataset.names"] = a.train_dataset
+            if a.test_dataset:
+                overrides["dataloader.test.dataset.names"] = a.test_dataset
+            cmd = [python(), self.runner.script("tools/lazyconfig_train_net.py"), "--config-file",
+                   a.config_file, "--num-gpus", a.num_gpus, *d2_overrides(overrides), *a.opts]
+            self.runner.command(stage, cmd, d2_train_progress(a.iters))
+            if a.dry_run:
+                return {}
+            return eval_metrics(stage, ("bbox", "segm"), required=("bbox",))
+
+        return self.runner.run(stage, work)
+
+    def run(self) -> Dict:
+        a = self.args
+        start_time = time.perf_counter()
+        n_pre = len(self.pretrained_arms_to_train())
+        print(f"transfer study: arms {', '.join(a.arms)}; seeds {a.seeds}; {n_pre} pretraining "
+              f"run(s) and {len(a.arms) * len(a.seeds)} fine-tuning runs of {a.iters} "
+              f"iterations; output {self.out}", flush=True)
+        self.runner.total_stages = (
+            int(self.toy_recipe or (self.toy_pretrain and n_pre > 0)) + n_pre
+            + len(a.arms) * len(a.seeds))
+        data = self.data()
+        self.data_fp = data.fingerprint() if data is not None and self.toy_recipe else None
+        starts = {arm: self.pretrain(arm, data) if arm in PRETRAIN_MODES else None
+                  for arm in a.arms}
+        runs: Dict[str, Dict[int, Dict]] = {arm: {} for arm in a.arms}
+        for seed in a.seeds:  # seed-major: an interrupted study has every arm at some seeds
+            for arm in a.arms:
+                runs[arm][seed] = self.finetune(arm, seed, starts[arm]).results
+        wall = time.perf_counter() - start_time
+        summary = summarize_runs(runs, a.arms)
+        summary.update(
+            wall_s=round(wall, 1),
+            settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+            pretraining={arm: s["fingerprint"] for arm, s in starts.items() if s},
+        )
+        if not a.dry_run:
+            (self.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+            (self.out / "results.md").write_text(render_markdown(summary))
+            plot(summary, self.out / "transfer_study.png")
+        return summary
+
+
+def checkpoint_img_size(path: str) -> Optional[int]:
+    """The pretraining image size recorded in an iTPN checkpoint (``model_overrides``), which
+    the detector's backbone must be built with; None for other files (Detectron2 checkpoints,
+    published ones: the train tool then says what to set) or when nothing is recorded."""
+    from itpn_d2.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(path)
+    except (CheckpointError, OSError, RuntimeError, ValueError):
+        return None
+    return (ckpt.get("model_overrides") or {}).get("img_size") if isinstance(ckpt, dict) else None
+
+
+# ------------------------------------------------------------------------------ results
+def summarize_runs(runs: Dict[str, Dict[int, Dict]], arms: Sequence[str]) -> Dict:
+    """Per-arm statistics of box and mask AP, and paired (same seed) differences."""
+    per_arm = {}
+    for arm in arms:
+        entry = {"runs": {str(s): r for s, r in runs[arm].items()}}
+        for task in ("bbox", "segm"):
+            values = [r[task]["AP"] for r in runs[arm].values() if task in r]
+            entry[task] = {**mean_std_ci(values), "values": values}
+        per_arm[arm] = entry
+    paired = []
+    for i, first in enumerate(arms):
+        for second in arms[i + 1:]:
+            seeds = sorted(set(runs[first]) & set(runs[second]))
+            for task in ("bbox", "segm"):
+                diffs = [runs[first][s][task]["AP"] - runs[second][s][task]["AP"]
+                         for s in seeds if task in runs[first][s] and task in runs[second][s]]
+                if diffs:
+                    paired.append({"a": first, "b": second, "task": task,
+                                   **mean_std_ci(diffs), "values": diffs})
+    return {"arms": per_arm, "paired": paired}
+
+
+def _pm(stats: Dict) -> str:
+    if stats["n"] == 0:
+        return "n/a"
+    if stats["n"] == 1:
+        return f"{stats['mean']:.1f}"
+    return f"{stats['mean']:.1f} ± {stats['std']:.1f} ({stats['mean'] - stats['ci95']:.1f}, " \
+           f"{stats['mean'] + stats['ci95']:.1f})"
+
+
+def render_markdown(summary: Dict) -> str:
+    st = summary["settings"]
+    lines = [
+        "# Transfer study: integral vs conventional pretraining",
+        "",
+        f"Recipe `{st['config_file']}`, {st['iters']} iterations at batch {st['batch']}, "
+        f"lr {st['lr']}, seeds {st['seeds']}; pretraining `{st['model']}`, "
+        f"{st['pretrain_epochs']} epochs at batch {st['pretrain_batch']} for every pre-trained "
+        f"arm. Took {format_duration(summary['wall_s'])} (cached runs count as 0).",
+        "",
+        "AP on Detectron2's 0-100 scale: mean ± sample std over seeds (95% t interval).",
+        "",
+        "| start | seeds | box AP | mask AP | box AP per seed |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for arm, entry in summary["arms"].items():
+        per_seed = ", ".join(f"{v:.1f}" for v in entry["bbox"]["values"])
+        lines.append(f"| {ARM_LABELS[arm]} | {entry['bbox']['n']} | {_pm(entry['bbox'])} "
+                     f"| {_pm(entry['segm'])} | {per_seed} |")
+    if summary["paired"]:
+        lines += ["", "Paired differences (same seed: same head initialisation and data order):",
+                  "", "| comparison | metric | mean difference (95% t interval) | per seed |",
+                  "| --- | --- | --- | --- |"]
+        for d in summary["paired"]:
+            ci = "" if d["n"] < 2 else \
+                f" ({d['mean'] - d['ci95']:+.1f}, {d['mean'] + d['ci95']:+.1f})"
+            per_seed = ", ".join(f"{v:+.1f}" for v in d["values"])
+            metric = "box AP" if d["task"] == "bbox" else "mask AP"
+            lines.append(f"| {d['a']} - {d['b']} | {metric} | {d['mean']:+.1f}{ci} "
+                         f"| {per_seed} |")
+    lines += ["", "Toy scale (synthetic shapes, minutes of CPU training) is not COCO: the "
+              "outcome says how these starts compare under this budget only.", ""]
+    return "\n".join(lines)
+
+
+def plot(summary: Dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(summary["arms"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), dpi=100)
+    for ax, task, title in zip(axes, ("bbox", "segm"), ("box AP", "mask AP")):
+        for x, arm in enumerate(arms):
+            stats = summary["arms"][arm][task]
+            if stats["n"] == 0:
+                continue
+            ax.bar(x, stats["mean"], color=f"C{x}", alpha=0.45, width=0.6)
+            if stats["n"] > 1:
+                ax.errorbar(x, stats["mean"], yerr=stats["ci95"], color="k", capsize=5)
+            ax.scatter([x] * stats["n"], stats["values"], color=f"C{x}", edgecolor="k",
+                       zorder=3, s=22)
+        ax.set_xticks(range(len(arms)))
+        ax.set_xticklabels(arms, rotation=15)
+        ax.set_title(f"{title} (mean, 95% CI, seeds)")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Detection fine-tuning from different starts (toy scale)"
+                 if "toy" in summary["settings"]["config_file"] else
+                 "Detection fine-tuning from different starts")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def main(args: argparse.Namespace, repo: Path) -> int:
+    """Run the study of ``args`` (:func:`parse_args`) with the tools of the checkout ``repo``;
+    print the table. Returns the exit status (1: a stage failed)."""
+    study = Study(args, repo)
+    try:
+        summary = study.run()
+    except StageError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 1
+    if not args.dry_run:
+        print("\n" + render_markdown(summary))
+        print(f"wrote {args.output / 'results.md'}, results.json, transfer_study.png")
+    return 0
+
