@@ -168,6 +168,19 @@ def test_layer_ids():
     assert model.layer_id("pyramid.out4.mlp.fc1.weight") == n
 
 
+def test_layer_ids_base():
+    with torch.device("meta"):
+        net = build_itpn("itpn_base")  # mlp_depth 3, depth 24
+    assert net.backbone.num_layers == 33
+    assert net.layer_id("backbone.patch_embed.proj.weight") == 0
+    assert net.layer_id("backbone.stage4.0.mlp.fc1.weight") == 1
+    assert net.layer_id("backbone.merge4to8.proj.weight") == 4
+    assert net.layer_id("backbone.merge8to16.proj.weight") == 8
+    assert net.layer_id("backbone.blocks.0.attn.qkv.weight") == 9
+    assert net.layer_id("backbone.blocks.23.attn.qkv.weight") == 32
+    assert net.layer_id("pyramid.fuse4.0.mlp.fc1.weight") == 33
+
+
 def test_import_does_not_import_detectron2():
     code = ("import sys, itpn_d2, itpn_d2.modeling, itpn_d2.checkpoint, itpn_d2.convert; "
             "assert 'detectron2' not in sys.modules, 'detectron2 imported'")
