@@ -191,7 +191,8 @@ def test_param_groups_lr_and_weight_decay():
     assert hp["roi_heads.box_predictor.cls_score.weight"][0] == pytest.approx(1.0)
     for no_decay in [b + "pos_embed", b + "blocks.0.attn.rel_pos_table", b + "blocks.0.ls1.gamma",
                      b + "stage4.0.norm.weight", b + "patch_embed.norm.bias",
-                     "backbone.net.pyramid.out4.norm.weight", "roi_heads.box_head.conv1.norm.weight"]:
+                     "backbone.net.pyramid.out4.norm.weight",
+                     "roi_heads.box_head.conv1.norm.weight"]:
         assert hp[no_decay][1] == 0.0, no_decay
     for decay in [b + "blocks.0.attn.qkv.weight", "roi_heads.box_head.conv1.weight",
                   b + "blocks.0.attn.qkv.bias"]:

@@ -189,16 +189,21 @@ def test_failed_command_names_stage_command_and_log(tmp_path):
 
 
 # ------------------------------------------------------------------------------ demo.py
-def test_demo_arguments_and_presets(tmp_path):
+def test_demo_arguments_and_presets(tmp_path, capsys):
     args = demo.parse_args(["--output", str(tmp_path), "--det-iters", "7", "--device", "cpu"])
     assert args.preset == "full" and args.det_iters == 7
     assert args.num_train == demo.PRESETS["full"]["num_train"]
     smoke = demo.parse_args(["--preset", "smoke", "--device", "cpu"])
     assert smoke.num_train == demo.PRESETS["smoke"]["num_train"]
-    for bad in (["--image-size", "100"], ["--det-iters", "0"],
-                ["--preset", "smoke", "--pretrain-batch", "999"]):
-        with pytest.raises(SystemExit):
+    for bad, message in ((["--image-size", "100"],
+                          "--image-size must be a multiple of 32, got 100"),
+                         (["--det-iters", "0"], "--det-iters must be >= 1"),
+                         (["--preset", "smoke", "--pretrain-batch", "999"],
+                          f"--pretrain-batch 999 exceeds --num-train {smoke.num_train}")):
+        with pytest.raises(SystemExit) as exit_:
             demo.parse_args(bad + ["--device", "cpu"])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.endswith(f"error: {message}\n"), bad
 
 
 def test_demo_dry_run_lists_every_stage_and_writes_nothing(tmp_path, capsys):
@@ -226,10 +231,22 @@ def test_demo_smoke_run_end_to_end_then_reuse(tmp_path):
     st = results["stages"]
     assert set(st) == {"data", "pretrain", "untrained", "detection", "segmentation", "figures"}
     assert not any(s["reused"] for s in st.values())
-    for name, task, key in (("detection", "bbox", "AP"), ("detection", "segm", "AP"),
-                            ("untrained", "bbox", "AP"), ("segmentation", "sem_seg", "mIoU")):
+    # The reported box and mask AP are COCOeval's on the val predictions the stage kept.
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO(str(out / "data" / "annotations" / "instances_val.json"))
+    dets = json.loads((out / "detection" / demo.DET_RESULTS).read_text())
+    for task in ("bbox", "segm"):  # mask results without boxes, as Detectron2 loads them
+        ev = COCOeval(gt, gt.loadRes([d if task == "bbox" else
+                                      {k: v for k, v in d.items() if k != "bbox"}
+                                      for d in dets]), task)
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+        assert st["detection"]["results"][task]["AP"] == pytest.approx(100 * ev.stats[0],
+                                                                       abs=1e-4), task
+    for name, task, key in (("untrained", "bbox", "AP"), ("segmentation", "sem_seg", "mIoU")):
         value = st[name]["results"][task][key]
-        assert 0.0 <= value <= 100.0, (name, task, value)
+        assert 0.0 <= value <= 100.0, (name, task, value)  # numbers, not NaN
     assert st["pretrain"]["results"]["epochs"] == demo.PRESETS["smoke"]["pretrain_epochs"]
 
     report = (out / "REPORT.md").read_text()

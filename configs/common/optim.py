@@ -12,7 +12,7 @@ from itpn_d2.d2.optim import itpn_lr_factor_func, no_weight_decay_overrides
 
 AdamW = L(torch.optim.AdamW)(
     params=L(get_default_optimizer_params)(
-        # params.model is set to the detector by the train tool before instantiation.
+        model=None,  # set to the detector by the train tool before instantiation
         base_lr="${..lr}",
         weight_decay_norm=0.0,
         lr_factor_func=L(itpn_lr_factor_func)(
