@@ -1,6 +1,8 @@
 """Semantic segmentation: UPerNet / FCN heads, the segmentor's sliding-window and whole-image
 inference, the toy and ADE20K recipes, the mIoU evaluator and bad-input errors."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -350,6 +352,13 @@ def test_evaluator_equals_the_stock_one_and_turns_labels_of_exif_images(tmp_path
         evaluator.reset()
         evaluator.process([{"file_name": records[0]["file_name"]}], [_one_hot(pred)])
     assert ours.evaluate() == stock.evaluate()
+    dumped = ITPNSemSegEvaluator("_semseg_eval_exif", distributed=False,
+                                 output_dir=str(tmp_path / "eval"))
+    dumped.reset()
+    dumped.process([{"file_name": records[0]["file_name"]}], [_one_hot(pred)])
+    dumped.evaluate()
+    rles = json.loads((tmp_path / "eval" / "sem_seg_predictions.json").read_text())
+    assert sorted(r["category_id"] for r in rles) == [0, 1, 2]  # one RLE per predicted class
 
     upright = np.rot90(label, k=-1)  # EXIF 6: turn 90 degrees clockwise
     ours.reset()

@@ -10,6 +10,10 @@ The stock evaluator computes everything; this subclass only replaces its label l
   names no file, and a label holding values other than class ids and the ignore label would be
   counted silently as other classes: both are errors naming the file;
 * labels of EXIF-rotated images are turned like their image (:func:`align_label`).
+
+It also builds the per-image RLE dump (``sem_seg_predictions.json``) only when ``output_dir`` is
+set, the only place it goes: the stock evaluator encodes every image (about 60 ms for a
+512 x 512 prediction of 15 classes, minutes per ADE20K evaluation).
 """
 
 from __future__ import annotations
@@ -67,3 +71,6 @@ class ITPNSemSegEvaluator(SemSegEvaluator):
                              f"label's size")
         check_label(gt, self._num_classes, self._ignore_label, gt_path)
         return gt.astype(dtype)
+
+    def encode_json_sem_seg(self, sem_seg, input_file_name):
+        return super().encode_json_sem_seg(sem_seg, input_file_name) if self._output_dir else []
