@@ -50,15 +50,18 @@ def test_golden_pyramid_outputs(golden, case_name):
             torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
 
 
-def test_golden_nchw_layout_matches_reference_formula(golden):
+def test_golden_nchw_layout_matches_the_published_token_layout(golden):
+    """NCHW pixel (y, x) of stride 4 is sub-pixel (y % 4, x % 4) of token (y // 4) * 8 + x // 4
+    of the published (B, N, 4, 4, C) output on its 8 x 8 token grid."""
     case = golden["fixtures"]["pixel_rpe0"]
     model, _, _ = _converted_model(case)
     with torch.no_grad():
         maps = model.forward_pyramid(golden["input"])
     ref = case["pyramid_full"][2]  # stride 4, (B, N, 4, 4, C)
     B, N, h, w, C = ref.shape
-    nchw = ref.reshape(B, 8, 8, h, w, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, 8 * h, 8 * w)
-    torch.testing.assert_close(maps[0], nchw, rtol=0, atol=1e-4)
+    ys, xs = torch.arange(8 * h)[:, None], torch.arange(8 * w)[None, :]
+    expected = ref[:, (ys // h) * 8 + xs // w, ys % h, xs % w, :]  # (B, 8h, 8w, C)
+    torch.testing.assert_close(maps[0], expected.movedim(-1, 1), rtol=0, atol=1e-4)
 
 
 def test_skipped_keys_are_reported_by_name(golden):

@@ -9,8 +9,8 @@ pytest.importorskip("detectron2")
 from detectron2.config import LazyConfig, get_cfg, instantiate  # noqa: E402
 from detectron2.modeling import build_backbone  # noqa: E402
 
-from itpn_d2.d2 import (ITPNBackbone, add_itpn_config, get_itpn_optimizer_params,  # noqa: E402
-                        itpn_layer_id, itpn_lr_factor_func)
+from itpn_d2.d2 import (ITPNBackbone, add_itpn_config, itpn_layer_id,  # noqa: E402
+                        itpn_lr_factor_func, no_weight_decay_overrides)
 from itpn_d2.modeling import build_itpn  # noqa: E402
 
 TOY_RECIPE = "configs/toy/mask_rcnn_itpn_nano.py"
@@ -143,37 +143,31 @@ def test_yacs_mask_rcnn_without_fpn():
 # --------------------------------------------------------------------------- LR decay
 
 
-def test_layer_ids_nano_detector(toy_detector):
-    # itpn_nano: mlp_depth 1, depth 4 -> 9 layer ids (0 = patch embed ... 8 = last block).
-    p = "backbone.net.backbone."
-    ids = {
-        p + "patch_embed.proj.weight": 0,
-        p + "stage4.0.mlp.fc1.weight": 1,
-        p + "merge4to8.proj.weight": 2,
-        p + "stage8.0.norm.weight": 3,
-        p + "merge8to16.norm.bias": 4,
-        p + "pos_embed": 5,
-        p + "blocks.0.attn.qkv.weight": 5,
-        p + "blocks.3.mlp.fc2.bias": 8,
-        "backbone.net.pyramid.split16to8.proj.weight": 9,
-        "backbone.net.pyramid.out4.mlp.fc1.weight": 9,
-        "roi_heads.box_head.conv1.weight": 9,
-        "proposal_generator.rpn_head.conv.weight": 9,
-    }
-    assert {k: itpn_layer_id(toy_detector, k) for k in ids} == ids
+def test_detector_layer_ids_are_the_nets(toy_detector):
+    """Inside ``backbone.net.`` the net's own ids (tested in test_modeling), heads get
+    ``num_layers``; ``module.`` (DDP) names get the same LR factors."""
+    net = toy_detector.backbone.net
+    for name, _ in toy_detector.named_parameters():
+        rest = name[len("backbone.net."):]
+        want = net.layer_id(rest) if name.startswith("backbone.net.") else 9
+        assert itpn_layer_id(toy_detector, name) == want, name
+    plain = itpn_lr_factor_func(toy_detector, 0.5)
+    wrapped = itpn_lr_factor_func(torch.nn.DataParallel(toy_detector), 0.5)
+    for name in ("backbone.net.backbone.patch_embed.proj.weight", "roi_heads.box_head.fc1.bias"):
+        assert wrapped("module." + name) == plain(name)
+    assert plain("backbone.net.backbone.patch_embed.proj.weight") == 0.5 ** 9
 
 
-def test_layer_ids_base():
-    with torch.device("meta"):
-        net = build_itpn("itpn_base")
-    assert net.backbone.num_layers == 33
-    assert net.layer_id("backbone.patch_embed.proj.weight") == 0
-    assert net.layer_id("backbone.stage4.0.mlp.fc1.weight") == 1
-    assert net.layer_id("backbone.merge4to8.proj.weight") == 4
-    assert net.layer_id("backbone.merge8to16.proj.weight") == 8
-    assert net.layer_id("backbone.blocks.0.attn.qkv.weight") == 9
-    assert net.layer_id("backbone.blocks.23.attn.qkv.weight") == 32
-    assert net.layer_id("pyramid.fuse4.0.mlp.fc1.weight") == 33
+def _recipe_optimizer(cfg, model):
+    cfg.optimizer.params.model = model
+    return instantiate(cfg.optimizer)
+
+
+def _hyperparams(model, optimizer):
+    by_param = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    assert len(by_param) == sum(len(g["params"]) for g in optimizer.param_groups)
+    return {n: (by_param[id(p)]["lr"], by_param[id(p)]["weight_decay"])
+            for n, p in model.named_parameters()}
 
 
 def test_param_groups_lr_and_weight_decay():
@@ -181,32 +175,70 @@ def test_param_groups_lr_and_weight_decay():
     cfg = LazyConfig.load(TOY_RECIPE)
     cfg.model.backbone.net.rpe = True
     cfg.model.backbone.net.layer_scale_init = 0.1
+    cfg.optimizer.lr = 1.0
+    cfg.optimizer.weight_decay = 0.05
+    cfg.optimizer.params.lr_factor_func.lr_decay_rate = 0.5
+    cfg.optimizer.params.lr_factor_func.pyramid_lr_factor = 0.25
     model = instantiate(cfg.model)
-    groups = get_itpn_optimizer_params(model, base_lr=1.0, lr_decay_rate=0.5,
-                                       pyramid_lr_factor=0.25, weight_decay=0.05)
-    by_param = {id(p): g for g in groups for p in g["params"]}
-    named = dict(model.named_parameters())
-
-    def hp(name):
-        return by_param[id(named[name])]
+    hp = _hyperparams(model, _recipe_optimizer(cfg, model))
+    assert len(hp) == len(dict(model.named_parameters()))
 
     b = "backbone.net.backbone."
-    assert hp(b + "patch_embed.proj.weight")["lr"] == pytest.approx(0.5 ** 9)
-    assert hp(b + "blocks.3.attn.qkv.weight")["lr"] == pytest.approx(0.5)
-    assert hp("backbone.net.pyramid.fuse4.0.mlp.fc1.weight")["lr"] == pytest.approx(0.25)
-    assert hp("roi_heads.box_predictor.cls_score.weight")["lr"] == pytest.approx(1.0)
+    assert hp[b + "patch_embed.proj.weight"][0] == pytest.approx(0.5 ** 9)
+    assert hp[b + "merge8to16.proj.weight"][0] == pytest.approx(0.5 ** 5)
+    assert hp[b + "blocks.3.attn.qkv.weight"][0] == pytest.approx(0.5)
+    assert hp["backbone.net.pyramid.fuse4.0.mlp.fc1.weight"][0] == pytest.approx(0.25)
+    assert hp["roi_heads.box_predictor.cls_score.weight"][0] == pytest.approx(1.0)
     for no_decay in [b + "pos_embed", b + "blocks.0.attn.rel_pos_table", b + "blocks.0.ls1.gamma",
                      b + "stage4.0.norm.weight", b + "patch_embed.norm.bias",
-                     "backbone.net.pyramid.out4.norm.weight", "roi_heads.box_head.conv1.norm.weight"]:
-        assert hp(no_decay)["weight_decay"] == 0.0, no_decay
+                     "backbone.net.pyramid.out4.norm.weight",
+                     "roi_heads.box_head.conv1.norm.weight"]:
+        assert hp[no_decay][1] == 0.0, no_decay
     for decay in [b + "blocks.0.attn.qkv.weight", "roi_heads.box_head.conv1.weight",
                   b + "blocks.0.attn.qkv.bias"]:
-        assert hp(decay)["weight_decay"] == 0.05, decay
-    assert sum(len(g["params"]) for g in groups) == len(named)
-    # The same factors through Detectron2's own helper.
-    from detectron2.solver import get_default_optimizer_params
+        assert hp[decay][1] == 0.05, decay
 
-    d2 = get_default_optimizer_params(model, base_lr=1.0,
-                                      lr_factor_func=itpn_lr_factor_func(model, 0.5))
-    lrs = {id(p): g["lr"] for g in d2 for p in g["params"]}
-    assert lrs[id(named[b + "merge8to16.proj.weight"])] == pytest.approx(0.5 ** 5)
+
+@pytest.mark.parametrize("recipe,overrides", [
+    (TOY_RECIPE, {"rpe": True, "layer_scale_init": 0.1}),
+    ("configs/toy/upernet_itpn_nano.py", {}),
+    ("configs/coco/mask_rcnn_itpn_b.py", {}),
+    ("configs/coco/mask_rcnn_itpn_b.py", {"rpe": True, "layer_scale_init": 0.1}),
+])
+def test_every_parameters_lr_and_weight_decay_follow_the_rule(recipe, overrides):
+    """The documented rule, parameter by parameter: lr = lr * decay ** (num_layers - layer id)
+    (times pyramid_lr_factor in the pyramid), no weight decay on norms and on the net's
+    no_weight_decay_names(), the optimizer's weight decay on everything else."""
+    cfg = LazyConfig.load(recipe)
+    for key, value in overrides.items():
+        cfg.model.backbone.net[key] = value
+    cfg.optimizer.params.lr_factor_func.pyramid_lr_factor = 0.5
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    hp = _hyperparams(model, _recipe_optimizer(cfg, model))
+    net = model.backbone.net
+    L = net.backbone.num_layers
+    decay = cfg.optimizer.params.lr_factor_func.lr_decay_rate
+    norms = {f"{m}.{n}" for m, mod in model.named_modules() if "Norm" in type(mod).__name__
+             for n, _ in mod.named_parameters(recurse=False)}
+    exempt = {"backbone.net." + n for n in net.no_weight_decay_names()}
+    assert exempt and not exempt & norms
+    for name, (lr, wd) in hp.items():
+        rest = name[len("backbone.net."):] if name.startswith("backbone.net.") else None
+        want = cfg.optimizer.lr * (1.0 if rest is None else decay ** (L - net.layer_id(rest)))
+        if name.startswith("backbone.net.pyramid."):
+            want *= 0.5
+        assert lr == pytest.approx(want, rel=1e-12), name
+        assert wd == (0.0 if name in norms | exempt else cfg.optimizer.weight_decay), name
+
+
+def test_weight_decay_overrides_refuse_a_head_parameter_of_the_same_name():
+    model = torch.nn.Module()
+    model.backbone = ITPNBackbone(build_itpn("itpn_nano", layer_scale_init=0.1))
+    assert no_weight_decay_overrides(model) == {"gamma": {"weight_decay": 0.0},
+                                                "pos_embed": {"weight_decay": 0.0}}
+    model.head = torch.nn.Module()
+    model.head.gamma = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match=r"parameters \['head.gamma'\] share a name with the "
+                                         r"iTPN parameters that take no weight decay"):
+        no_weight_decay_overrides(model)

@@ -45,14 +45,15 @@ def test_demo_arguments_and_presets(tmp_path, capsys):
     assert demo.parse_args(["--device", "cpu"], REPO).output == REPO / "output" / "demo"
     smoke = demo.parse_args(["--preset", "smoke", "--device", "cpu"], REPO)
     assert smoke.num_train == demo.PRESETS["smoke"]["num_train"]
-    for bad, message in ((["--image-size", "100"], "--image-size must be a multiple of 32"),
+    for bad, message in ((["--image-size", "100"], "--image-size must be a multiple of 32, got 100"),
                          (["--det-iters", "0", "--seg-batch", "0"],
                           "--det-iters, --seg-batch must be >= 1"),
                          (["--preset", "smoke", "--pretrain-batch", "999"],
                           "--pretrain-batch 999 exceeds --num-train 16")):
         with pytest.raises(SystemExit) as e:
             demo.parse_args(bad + ["--device", "cpu"], REPO)
-        assert e.value.code == 2 and message in capsys.readouterr().err, bad
+        assert e.value.code == 2
+        assert capsys.readouterr().err.endswith(f"error: {message}\n"), bad
 
 
 def test_headline_numbers_of_results_json(tmp_path):
@@ -123,6 +124,19 @@ def test_demo_smoke_run_end_to_end_then_reuse(tmp_path):
     assert st["pretrain"]["results"]["epochs"] == len(log) \
         == demo.PRESETS["smoke"]["pretrain_epochs"]
     assert st["pretrain"]["results"]["final_loss"] == log[-1]["train_loss"]
+    # The reported box and mask AP are COCOeval's on the val predictions the stage kept.
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO(str(out / "data" / "annotations" / "instances_val.json"))
+    dets = json.loads((out / "detection" / demo.DET_RESULTS).read_text())
+    for task in ("bbox", "segm"):  # mask results without boxes, as Detectron2 loads them
+        ev = COCOeval(gt, gt.loadRes([d if task == "bbox" else
+                                      {k: v for k, v in d.items() if k != "bbox"}
+                                      for d in dets]), task)
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+        assert st["detection"]["results"][task]["AP"] == pytest.approx(100 * ev.stats[0],
+                                                                       abs=1e-4), task
 
     report = (out / "REPORT.md").read_text()
     assert f"{st['detection']['results']['bbox']['AP']:.1f}" in report

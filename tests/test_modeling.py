@@ -35,11 +35,24 @@ def test_backbone_stage_shapes(nano):
     assert nano.backbone.dims == (32, 64, 128)
 
 
-def test_token_layout_round_trip():
-    x = torch.randn(2, 7, 12, 20)
-    t = map_to_tokens(x, 4)
-    assert t.shape == (2, 15, 4, 4, 7)
-    assert torch.equal(tokens_to_map(t, (3, 5)), x)
+def test_token_layout_by_index_arithmetic():
+    """Token n of a (Hp, Wp) grid is row n // Wp, column n % Wp; its sub-pixel (i, j) lands at
+    map pixel (row * h + i, column * w + j). Checked element by element."""
+    B, hp, wp, s, C = 2, 2, 3, 2, 3
+    tokens = torch.arange(B * hp * wp * s * s * C, dtype=torch.float32).reshape(B, hp * wp, s, s, C)
+    nchw = tokens_to_map(tokens, (hp, wp))
+    assert nchw.shape == (B, C, hp * s, wp * s)
+    for b in range(B):
+        for c in range(C):
+            for y in range(hp * s):
+                for x in range(wp * s):
+                    n = (y // s) * wp + x // s
+                    assert nchw[b, c, y, x] == tokens[b, n, y % s, x % s, c], (b, c, y, x)
+    assert torch.equal(map_to_tokens(nchw, s), tokens)
+    flat = tokens[:, :, 0, 0, :]  # (B, N, C): one pixel per token
+    grid = tokens_to_map(flat, (hp, wp))
+    assert all(grid[b, c, n // wp, n % wp] == flat[b, n, c]
+               for b in range(B) for c in range(C) for n in range(hp * wp))
 
 
 def test_masked_mlp_stages_equal_unmasked(nano):
@@ -76,19 +89,72 @@ def test_gradients_reach_every_parameter():
     assert no_grad == []
 
 
-def test_rpe_and_pos_embed_resize_to_other_grid():
-    model = build_itpn("itpn_nano", img_size=64, rpe=True).eval()
-    assert model.backbone.blocks[0].attn.rel_pos_table.shape == (7 * 7, 4)
+def _bicubic(x: torch.Tensor, size) -> torch.Tensor:
+    return torch.nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False)
+
+
+def test_model_on_another_grid_equals_a_model_built_for_it():
+    """A 64 px (4 x 4 tokens) model with absolute and relative positions, run at 96 x 160
+    (6 x 10), gives the outputs of a 96 x 160 model holding the bicubically resized tables."""
+    torch.manual_seed(0)
+    small = build_itpn("itpn_nano", img_size=64, rpe=True).eval()
+    large = build_itpn("itpn_nano", img_size=(96, 160), rpe=True).eval()
+    assert small.backbone.blocks[0].attn.rel_pos_table.shape == (7 * 7, 4)
+    sd = small.state_dict()
+    pos = sd["backbone.pos_embed"]  # (1, 16, C), token n = (n // 4, n % 4)
+    grid = pos[0].t().reshape(1, -1, 4, 4)
+    sd["backbone.pos_embed"] = _bicubic(grid, (6, 10)).flatten(2).transpose(1, 2)
+    for k in [k for k in sd if k.endswith("rel_pos_table")]:  # ((2*4-1)^2, heads) -> 11 x 19
+        table = sd[k].t().reshape(1, -1, 7, 7)
+        sd[k] = _bicubic(table, (11, 19)).flatten(2)[0].t()
+    large.load_state_dict(sd)
+    x = torch.randn(1, 3, 96, 160)
     with torch.no_grad():
-        levels = model.forward_pyramid(torch.randn(1, 3, 96, 160))
-    assert levels[2].shape == (1, 64, 6, 10)
-    assert all(torch.isfinite(t).all() for t in levels)
+        for a, b in zip(small.forward_pyramid(x), large.forward_pyramid(x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-def test_resize_pos_embed_identity_and_shape():
+def test_resize_pos_embed_values():
+    torch.manual_seed(0)
     pos = sincos_pos_embed_2d(32, (4, 4))[None]
     assert torch.equal(resize_pos_embed(pos, (4, 4), (4, 4)), pos)  # bit for bit
-    assert resize_pos_embed(pos, (4, 4), (6, 3)).shape == (1, 18, 32)
+    # Channel 0 = token row, channel 1 = token column (row-major tokens): widening the grid
+    # keeps every row's value and stretches the columns, the same in every row.
+    ramp = torch.tensor([[[n // 4, n % 4] for n in range(16)]], dtype=torch.float32)
+    wide = resize_pos_embed(ramp, (4, 4), (4, 8)).reshape(4, 8, 2)
+    torch.testing.assert_close(wide[..., 0], torch.arange(4.0)[:, None].expand(4, 8))
+    torch.testing.assert_close(wide[..., 1], wide[:1, :, 1].expand(4, 8))
+    assert (wide[0, 1:, 1] > wide[0, :-1, 1]).all()
+    # Any table: bicubic resampling of the (C, 4, 4) grid, read back row-major.
+    table = torch.randn(5, 4, 4)
+    flat = torch.stack([table[:, y, x] for y in range(4) for x in range(4)])[None]
+    want = _bicubic(table[None], (6, 3))[0]
+    got = resize_pos_embed(flat, (4, 4), (6, 3))
+    assert got.shape == (1, 18, 5)
+    for y in range(6):
+        for x in range(3):
+            torch.testing.assert_close(got[0, y * 3 + x], want[:, y, x])
+
+
+def test_relative_bias_reads_the_offset_table_and_resizes_it():
+    """bias[h, i, j] is the table entry of the offset (dy, dx) of token i from token j; on
+    another grid, the bicubically resized (2Gh-1, 2Gw-1) table of offsets."""
+    torch.manual_seed(0)
+    gh, gw, heads = 2, 3, 2
+    attn = Attention(8, heads, rel_pos_grid=(gh, gw))
+    offsets = torch.randn(heads, 2 * gh - 1, 2 * gw - 1)  # [h, dy + gh - 1, dx + gw - 1]
+    with torch.no_grad():
+        attn.rel_pos_table.copy_(torch.stack([offsets[:, a, b] for a in range(2 * gh - 1)
+                                              for b in range(2 * gw - 1)]))
+    for grid, table in (((gh, gw), offsets), ((3, 4), _bicubic(offsets[None], (5, 7))[0])):
+        hp, wp = grid
+        bias = attn.relative_bias(relative_position_index(grid), grid).detach()
+        assert bias.shape == (heads, hp * wp, hp * wp)
+        for i in range(hp * wp):
+            for j in range(hp * wp):
+                dy, dx = i // wp - j // wp, i % wp - j % wp
+                torch.testing.assert_close(bias[:, i, j], table[:, dy + hp - 1, dx + wp - 1],
+                                           rtol=0, atol=1e-6 if grid != (gh, gw) else 0)
 
 
 def test_relative_position_index_matches_offsets():
@@ -166,6 +232,19 @@ def test_layer_ids():
     assert model.layer_id("backbone.blocks.0.attn.qkv.weight") == 5
     assert model.layer_id("backbone.blocks.3.mlp.fc2.bias") == 8
     assert model.layer_id("pyramid.out4.mlp.fc1.weight") == n
+
+
+def test_layer_ids_base():
+    with torch.device("meta"):
+        net = build_itpn("itpn_base")  # mlp_depth 3, depth 24
+    assert net.backbone.num_layers == 33
+    assert net.layer_id("backbone.patch_embed.proj.weight") == 0
+    assert net.layer_id("backbone.stage4.0.mlp.fc1.weight") == 1
+    assert net.layer_id("backbone.merge4to8.proj.weight") == 4
+    assert net.layer_id("backbone.merge8to16.proj.weight") == 8
+    assert net.layer_id("backbone.blocks.0.attn.qkv.weight") == 9
+    assert net.layer_id("backbone.blocks.23.attn.qkv.weight") == 32
+    assert net.layer_id("pyramid.fuse4.0.mlp.fc1.weight") == 33
 
 
 def test_import_does_not_import_detectron2():

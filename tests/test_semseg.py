@@ -1,6 +1,8 @@
 """Semantic segmentation: UPerNet / FCN heads, the segmentor's sliding-window and whole-image
 inference, the toy and ADE20K recipes, the mIoU evaluator and bad-input errors."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -325,6 +327,44 @@ def test_evaluator_gives_hand_computed_miou_on_png_labels(tmp_path):
     assert res["mACC"] == pytest.approx(100 * (2 / 3 + 1 + 0.6) / 3)
     assert res["pACC"] == pytest.approx(100 * 8 / 11)
     assert res["IoU-a"] == pytest.approx(50.0)
+
+
+def test_evaluator_equals_the_stock_one_and_turns_labels_of_exif_images(tmp_path):
+    """On plain images the result is the stock SemSegEvaluator's (given a numpy-2 safe
+    loader); a label drawn on the stored grid of an EXIF-rotated (6) JPEG is turned like the
+    image, so a prediction equal to the upright label scores 100."""
+    from detectron2.evaluation import SemSegEvaluator
+
+    label = np.array([[0, 0, 1], [2, 255, 1]])  # stored grid 3 x 2 (width x height)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.zeros((2, 3, 3), np.uint8)).save(tmp_path / "rot.jpg", exif=exif.tobytes())
+    records = [{"file_name": str(tmp_path / "plain.jpg"),
+                "sem_seg_file_name": _save_label(tmp_path / "plain.png", label)},
+               {"file_name": str(tmp_path / "rot.jpg"),
+                "sem_seg_file_name": _save_label(tmp_path / "rot.png", label)}]
+    _register_eval_set("_semseg_eval_exif", records)
+    pred = [[0, 1, 1], [2, 0, 0]]
+    ours = ITPNSemSegEvaluator("_semseg_eval_exif", distributed=False)
+    stock = SemSegEvaluator("_semseg_eval_exif", distributed=False,
+                            sem_seg_loading_fn=read_label_png)
+    for evaluator in (ours, stock):
+        evaluator.reset()
+        evaluator.process([{"file_name": records[0]["file_name"]}], [_one_hot(pred)])
+    assert ours.evaluate() == stock.evaluate()
+    dumped = ITPNSemSegEvaluator("_semseg_eval_exif", distributed=False,
+                                 output_dir=str(tmp_path / "eval"))
+    dumped.reset()
+    dumped.process([{"file_name": records[0]["file_name"]}], [_one_hot(pred)])
+    dumped.evaluate()
+    rles = json.loads((tmp_path / "eval" / "sem_seg_predictions.json").read_text())
+    assert sorted(r["category_id"] for r in rles) == [0, 1, 2]  # one RLE per predicted class
+
+    upright = np.rot90(label, k=-1)  # EXIF 6: turn 90 degrees clockwise
+    ours.reset()
+    ours.process([{"file_name": records[1]["file_name"]}],
+                 [_one_hot(np.where(upright == 255, 0, upright))])
+    assert ours.evaluate()["sem_seg"]["mIoU"] == 100.0
 
 
 def test_stock_label_loader_fails_under_numpy2_ours_does_not(tmp_path):

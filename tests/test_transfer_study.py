@@ -52,17 +52,18 @@ def test_markdown_table_and_plot(tmp_path):
 
 
 def test_arguments_are_checked(tmp_path, capsys):
-    missing = tmp_path / "missing.pth"
-    for bad, message in ((["--seeds", "0", "0"], "--seeds must be distinct, got [0, 0]"),
-                         (["--iters", "0"], "--iters must be >= 1"),
-                         (["--image-size", "100"], "--image-size must be a multiple of 32"),
-                         (["--config-file", "configs/nope.py"],
-                          "--config-file configs/nope.py does not exist"),
-                         (["--integral-checkpoint", str(missing)],
-                          f"--integral-checkpoint {missing} does not exist")):
-        with pytest.raises(SystemExit) as e:
+    missing = str(tmp_path / "missing.pth")
+    for bad, message in (
+            (["--seeds", "0", "0"], "--seeds must be distinct, got [0, 0]"),
+            (["--iters", "0"], "--iters must be >= 1"),
+            (["--image-size", "100"], "--image-size must be a multiple of 32, got 100"),
+            (["--config-file", "configs/nope.py"], "--config-file configs/nope.py does not exist"),
+            (["--integral-checkpoint", missing],
+             f"--integral-checkpoint {missing} does not exist")):
+        with pytest.raises(SystemExit) as exit_:
             study.parse_args(bad + ["--device", "cpu"], REPO)
-        assert e.value.code == 2 and message in capsys.readouterr().err, bad
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.endswith(f"error: {message}\n"), bad
 
 
 def test_dry_run_toy_commands(tmp_path, capsys):

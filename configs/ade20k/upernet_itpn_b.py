@@ -28,7 +28,7 @@ dataloader.train.total_batch_size = 16
 
 optimizer.lr = 3e-5
 optimizer.weight_decay = 0.05
-optimizer.params.lr_decay_rate = 0.90
+optimizer.params.lr_factor_func.lr_decay_rate = 0.90
 
 train.max_iter = 160000
 lr_multiplier = poly_schedule(train.max_iter, warmup_iters=1500)

@@ -21,7 +21,7 @@ dataloader.train.total_batch_size = 16
 
 optimizer.lr = 2e-4
 optimizer.weight_decay = 0.05
-optimizer.params.lr_decay_rate = 0.90
+optimizer.params.lr_factor_func.lr_decay_rate = 0.90
 
 train.max_iter = 90000
 lr_multiplier = step_schedule(train.max_iter, steps=(9 / 12, 11 / 12))

@@ -9,13 +9,14 @@ from .backbone import (DEFAULT_OUT_FEATURES, PYRAMID_STRIDES, STAGE_STRIDES, ITP
                        add_itpn_config, build_itpn_backbone)
 from .checkpoint import ITPNCheckpointer, check_input_format
 from .export import BackboneOutputs, export_model
-from .optim import (find_itpn_backbones, get_itpn_optimizer_params, itpn_layer_id,
-                    itpn_lr_factor_func, no_weight_decay_param_names)
+from .optim import (find_itpn_backbones, itpn_layer_id, itpn_lr_factor_func,
+                    no_weight_decay_overrides, no_weight_decay_param_names)
 from .predictor import Predictor, predict_files
 
 __all__ = [
     "BackboneOutputs", "DEFAULT_OUT_FEATURES", "ITPNBackbone", "ITPNCheckpointer",
     "PYRAMID_STRIDES", "Predictor", "STAGE_STRIDES", "add_itpn_config", "build_itpn_backbone",
-    "check_input_format", "export_model", "find_itpn_backbones", "get_itpn_optimizer_params",
-    "itpn_layer_id", "itpn_lr_factor_func", "no_weight_decay_param_names", "predict_files",
+    "check_input_format", "export_model", "find_itpn_backbones", "itpn_layer_id",
+    "itpn_lr_factor_func", "no_weight_decay_overrides", "no_weight_decay_param_names",
+    "predict_files",
 ]

@@ -1,4 +1,6 @@
-"""Layer-wise learning-rate decay and weight-decay exemptions for detectors with an iTPN backbone.
+"""Layer-wise learning-rate decay and weight-decay exemptions for detectors with an iTPN backbone,
+as arguments of Detectron2's :func:`~detectron2.solver.get_default_optimizer_params` (the way
+ViTDet's recipes pass ``get_vit_lr_decay_rate`` and ``{"pos_embed": {"weight_decay": 0}}``).
 
 Layer ids come from :meth:`ITPN.layer_id`: 0 for the patch embedding, one per block (the two
 patch merges count as blocks; ``pos_embed`` shares the id of the first attention block), and
@@ -9,27 +11,17 @@ rate (times ``pyramid_lr_factor`` for the pyramid), the last attention block at
 ``base_lr * decay``, the patch embedding at ``base_lr * decay ** num_layers``.
 
 No weight decay on position embeddings, relative position tables, layer-scale gammas
-(``ITPN.no_weight_decay_names``) and normalisation layers (``weight_decay_norm``, including
-Detectron2's channels-first ``LayerNorm`` used by "LN" heads).
+(``ITPN.no_weight_decay_names``, through :func:`no_weight_decay_overrides`) and normalisation
+layers (``weight_decay_norm=0.0``).
 """
 
 from __future__ import annotations
 
-import copy
-from typing import Any, Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
-import torch
 import torch.nn as nn
 
-from detectron2.layers import FrozenBatchNorm2d
-from detectron2.layers.batch_norm import LayerNorm as D2LayerNorm
-from detectron2.solver.build import reduce_param_groups
-
 from .backbone import ITPNBackbone
-
-NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
-              nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm, D2LayerNorm,
-              FrozenBatchNorm2d)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -62,12 +54,13 @@ def itpn_lr_factor_func(model: nn.Module, lr_decay_rate: float = 1.0,
     """An ``lr_factor_func`` for :func:`detectron2.solver.get_default_optimizer_params`.
 
     Args:
-        model: the detector (or any module holding an :class:`ITPNBackbone`).
+        model: the detector (or any module holding an :class:`ITPNBackbone`; a DDP-wrapped
+            one too, whose parameter names start with ``module.``).
         lr_decay_rate: per-layer decay (0.90 base, 0.95 large in the published recipes).
         pyramid_lr_factor: extra LR factor for the pyramid (1.0: same LR as the heads).
     """
-    backbones = find_itpn_backbones(model)
-    num_layers = max(bb.net.backbone.num_layers for bb in backbones.values())
+    wrapped = "module." if _unwrap(model) is not model else ""
+    backbones = {wrapped + p: bb for p, bb in find_itpn_backbones(model).items()}
 
     def lr_factor(name: str) -> float:
         for prefix, bb in backbones.items():
@@ -77,7 +70,6 @@ def itpn_lr_factor_func(model: nn.Module, lr_decay_rate: float = 1.0,
                 return factor * (pyramid_lr_factor if rest.startswith("pyramid.") else 1.0)
         return 1.0
 
-    lr_factor.num_layers = num_layers  # for logging / tests
     return lr_factor
 
 
@@ -87,45 +79,23 @@ def no_weight_decay_param_names(model: nn.Module) -> List[str]:
             for n in bb.net.no_weight_decay_names()]
 
 
-def get_itpn_optimizer_params(model: nn.Module, base_lr: float, lr_decay_rate: float = 1.0,
-                              pyramid_lr_factor: float = 1.0,
-                              weight_decay: Optional[float] = None,
-                              weight_decay_norm: Optional[float] = 0.0,
-                              weight_decay_bias: Optional[float] = None) -> List[Dict[str, Any]]:
-    """Parameter groups with layer-wise LR decay and the weight-decay exemptions above.
+def no_weight_decay_overrides(model: nn.Module) -> Dict[str, Dict[str, float]]:
+    """``overrides`` for :func:`detectron2.solver.get_default_optimizer_params`: no weight
+    decay for the parameters of ``ITPN.no_weight_decay_names()`` (``pos_embed``,
+    ``rel_pos_table``, ``gamma``).
 
-    Like :func:`detectron2.solver.get_default_optimizer_params` with
-    ``lr_factor_func=itpn_lr_factor_func(model, ...)``, plus zero weight decay for
-    ``ITPN.no_weight_decay_names()`` and every normalisation layer.
+    Detectron2 matches overrides by a parameter's own name (the last part of its full name), so
+    a head parameter of the same name would lose its weight decay too; that is refused.
 
-    Args:
-        model: the detector; set by the train tool (``cfg.optimizer.params.model = model``).
-        base_lr: LR before decay (``"${..lr}"`` in recipes).
-        lr_decay_rate, pyramid_lr_factor: see :func:`itpn_lr_factor_func`.
-        weight_decay: default weight decay (``None``: the optimizer's).
-        weight_decay_norm: weight decay of normalisation layers (``None``: like the rest).
-        weight_decay_bias: weight decay of biases (``None``: like the rest, as published).
+    Raises:
+        ValueError: a parameter outside ``no_weight_decay_names()`` has one of those names.
     """
-    lr_factor = itpn_lr_factor_func(model, lr_decay_rate, pyramid_lr_factor)
-    no_decay = set(no_weight_decay_param_names(model))
-    defaults: Dict[str, Any] = {"lr": base_lr}
-    if weight_decay is not None:
-        defaults["weight_decay"] = weight_decay
-    params: List[Dict[str, Any]] = []
-    seen = set()
-    for module_name, module in _unwrap(model).named_modules():
-        for pname, value in module.named_parameters(recurse=False):
-            if not value.requires_grad or value in seen:
-                continue
-            seen.add(value)
-            name = f"{module_name}.{pname}" if module_name else pname
-            group = copy.copy(defaults)
-            group["lr"] = base_lr * lr_factor(name)
-            if isinstance(module, NORM_TYPES) and weight_decay_norm is not None:
-                group["weight_decay"] = weight_decay_norm
-            if pname == "bias" and weight_decay_bias is not None:
-                group["weight_decay"] = weight_decay_bias
-            if name in no_decay:
-                group["weight_decay"] = 0.0
-            params.append({"params": [value], **group})
-    return reduce_param_groups(params)
+    exempt = set(no_weight_decay_param_names(model))
+    names = {n.rsplit(".", 1)[-1] for n in exempt}
+    clash = [n for n, _ in _unwrap(model).named_parameters()
+             if n.rsplit(".", 1)[-1] in names and n not in exempt]
+    if clash:
+        raise ValueError(f"parameters {clash[:3]} share a name with the iTPN parameters that "
+                         f"take no weight decay ({sorted(names)}); rename them, or give "
+                         f"get_default_optimizer_params explicit overrides")
+    return {n: {"weight_decay": 0.0} for n in sorted(names)}
