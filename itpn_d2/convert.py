@@ -41,6 +41,7 @@ import torch
 
 from .checkpoint import (D2_LOAD_FLAGS, CheckpointError, PathLike, check_state_dict,
                          load_checkpoint, model_metadata, save_checkpoint)
+from .errors import run_cli
 from .modeling.itpn import ARCHS, ITPN, build_itpn
 
 # Heads of the published architectures, by width (not recoverable from weights without rpe).
@@ -213,3 +214,25 @@ def convert_official_checkpoint(src: PathLike, dst: Optional[PathLike] = None,
     if dst is not None:
         save_checkpoint(out, dst)
     return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``itpn-convert-checkpoint SRC DST [--num-heads N]`` (also ``tools/convert_official_checkpoint.py``)."""
+    parser = argparse.ArgumentParser(
+        description="Convert a checkpoint of the published iTPN code (pixel, CLIP or fine-tune "
+                    "model) to iTPN-D2: backbone + pyramid and the metadata to rebuild it; "
+                    "pretraining-only parts are listed as skipped.")
+    parser.add_argument("src", help="published checkpoint (.pth; weights under 'model' or bare)")
+    parser.add_argument("dst", help="where to write the converted checkpoint")
+    parser.add_argument("--num-heads", type=int, default=None,
+                        help="attention heads, for non-published widths without relative "
+                             "position tables (otherwise inferred)")
+    args = parser.parse_args(argv)
+    convert_official_checkpoint(args.src, args.dst, num_heads=args.num_heads)
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def cli(argv: Optional[List[str]] = None) -> int:
+    """The command line; expected errors give one ``error:`` line and exit status 2."""
+    return run_cli(lambda: main(argv))

@@ -41,8 +41,8 @@ from tabulate import tabulate
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _IncompatibleKeys
 
-from ..checkpoint import (D2_LOAD_FLAGS, METADATA_KEYS, TEMP_SUFFIX, CheckpointError,
-                          default_file_mode, load_checkpoint, metadata_of, model_metadata,
+from ..checkpoint import (CONVERT_COMMAND, D2_LOAD_FLAGS, METADATA_KEYS, TEMP_SUFFIX,
+                          CheckpointError, default_file_mode, load_checkpoint, metadata_of, model_metadata,
                           save_checkpoint)
 from ..convert import PUBLISHED_HEADS, convert_official_state_dict, is_official_state_dict
 from ..modeling import ARCHS, ITPN
@@ -237,8 +237,8 @@ class ITPNCheckpointer(DetectionCheckpointer):
                 f"{filename} looks like a Detectron2 checkpoint of a detector (it has keys of "
                 f"this model such as {_shorten(shared, 3)}) but holds only {found} of the "
                 f"{len(net_keys)} backbone/pyramid tensors ({prefixes[0]}*): it was trained with "
-                f"another backbone. Start from an iTPN checkpoint instead (pretrain/main.py, "
-                f"tools/export_backbone.py or tools/convert_official_checkpoint.py output), or "
+                f"another backbone. Start from an iTPN checkpoint instead (itpn-pretrain, "
+                f"itpn-export-backbone or {CONVERT_COMMAND} output), or "
                 f"give a model_final.pth of this recipe.")
 
     @staticmethod
@@ -351,7 +351,7 @@ class ITPNCheckpointer(DetectionCheckpointer):
             logger.warning(
                 "!!! %s has NO feature pyramid: the detector's pyramid (%spyramid.*) starts from "
                 "RANDOM weights, so the neck is not pre-trained. Use a checkpoint with a pyramid "
-                "(pretrain/main.py or a published pretraining checkpoint) to reuse it. !!!",
+                "(itpn-pretrain or a published pretraining checkpoint) to reuse it. !!!",
                 report["path"], report["prefix"])
 
     def format_report(self, report: Dict[str, Any]) -> str:
