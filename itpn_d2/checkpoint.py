@@ -24,7 +24,10 @@ FORMAT_VERSION = 1
 # The command that converts published checkpoints (tools/convert_official_checkpoint.py in a
 # checkout); error messages name the entry point, which an installed package has.
 CONVERT_COMMAND = "itpn-convert-checkpoint"
-# ImageNet statistics on the 0-255 scale (Detectron2's convention), RGB order.
+# ImageNet statistics on the 0-255 scale (Detectron2's convention), RGB order: the one home of
+# these numbers (pretraining divides them by 255). Detectron2's yacs defaults hold the same
+# numbers in BGR order (cfg.MODEL.PIXEL_MEAN); this module must not import detectron2, and the
+# recipes are RGB, so the recipes read them from here.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 METADATA_KEYS = ("model_name", "model_overrides", "pixel_mean", "pixel_std", "channel_order",

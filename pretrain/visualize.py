@@ -23,9 +23,10 @@ from PIL import Image
 
 from itpn_d2.data.images import load_rgb_image
 from itpn_d2.errors import UserError, disk_full_message, run_cli
+from itpn_d2.modeling.hivit import PATCH_SIZE
 
 from .data import DataError, center_crop, denormalize, normalize, to_uint8_tensor
-from .models import PATCH_SIZE, PretrainModel, num_visible, patchify, random_masking, unpatchify
+from .models import PretrainModel, num_visible, patchify, random_masking, unpatchify
 
 GAP = 2  # pixels of white between tiles
 

@@ -20,8 +20,9 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from itpn_d2.data.images import IGNORE_LABEL
+
 NUM_CLASSES = 150
-IGNORE_VALUE = 255
 SPLITS = ("training", "validation")
 RAW_DIR = "annotations"
 OUT_DIR = "annotations_detectron2"
@@ -46,7 +47,7 @@ def convert_label(raw: np.ndarray, path: str = "<array>") -> np.ndarray:
         raise ValueError(f"{path}: values {values} are above {NUM_CLASSES}; raw ADE20K labels "
                          f"are 0 (other) and 1-{NUM_CLASSES}. Is this already converted?")
     out = raw.astype(np.int16) - 1
-    out[raw == 0] = IGNORE_VALUE
+    out[raw == 0] = IGNORE_LABEL
     return out.astype(np.uint8)
 
 

@@ -28,7 +28,6 @@ initialised.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import tempfile
@@ -46,19 +45,18 @@ from ..checkpoint import (CONVERT_COMMAND, D2_LOAD_FLAGS, METADATA_KEYS, TEMP_SU
                           save_checkpoint)
 from ..convert import PUBLISHED_HEADS, convert_official_state_dict, is_official_state_dict
 from ..modeling import ARCHS, ITPN
+from ..modeling.itpn import itpn_arguments
 from .optim import find_itpn_backbones
 
 logger = logging.getLogger(__name__)
 
 # Settings that do not change what the weights mean.
 _TRAINING_ONLY = ("drop_path_rate", "use_checkpoint", "pyramid")
-_ITPN_DEFAULTS = {p.name: p.default for p in inspect.signature(ITPN.__init__).parameters.values()
-                  if p.name != "self"}
 
 
 def resolved_arch(model_name: str, overrides: Mapping[str, Any]) -> Dict[str, Any]:
     """Every ``ITPN`` argument of ``build_itpn(model_name, **overrides)`` except training ones."""
-    full = {**_ITPN_DEFAULTS, **ARCHS[model_name], **overrides}
+    full = itpn_arguments(model_name, **overrides)
     if isinstance(full.get("img_size"), (list, tuple)) and len(set(full["img_size"])) == 1:
         full["img_size"] = full["img_size"][0]
     return {k: v for k, v in full.items() if k not in _TRAINING_ONLY}

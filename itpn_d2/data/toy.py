@@ -37,6 +37,7 @@ import pycocotools.mask as mask_util
 from PIL import Image, ImageDraw
 
 from ..errors import UserError, run_cli
+from .images import IGNORE_LABEL
 
 __all__ = [
     "CLASS_NAMES",
@@ -54,7 +55,6 @@ __all__ = [
 TOY_VERSION = 1
 CLASS_NAMES = ("circle", "square", "triangle", "star", "cross")
 BACKGROUND_LABEL = 0
-IGNORE_LABEL = 255
 SPLITS = ("train", "val")
 ROOT_ENV = "ITPN_TOY_ROOT"
 MAX_SHAPES = 5
