@@ -50,6 +50,7 @@ setup(
             "itpn-export-backbone = pretrain.export:cli",
             "itpn-visualize-reconstruction = pretrain.visualize:cli",
             "itpn-make-toy = itpn_d2.data.toy:cli",
+            "itpn-prepare-ade20k = itpn_d2.data.ade20k:cli",
             "itpn-convert-checkpoint = itpn_d2.convert:cli",
             "itpn-predict = itpn_d2.d2.predictor:cli",
         ],

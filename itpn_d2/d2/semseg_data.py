@@ -100,7 +100,7 @@ def check_label(label: np.ndarray, num_classes: int, ignore_value: int, path: st
         raise LabelError(
             f"label file {path} has values {shown} outside the classes 0..{num_classes - 1} "
             f"and the ignore value {ignore_value} (raw ADE20K annotations must be converted with "
-            f"tools/prepare_ade20k.py)")
+            f"itpn-prepare-ade20k)")
 
 
 class SemSegDatasetMapper(DatasetMapper):
