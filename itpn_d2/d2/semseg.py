@@ -232,7 +232,6 @@ class UPerNetHead(_SegHead):
                                        for _ in in_channels[:-1])
         self.fuse = _conv_norm_act(len(in_channels) * channels, channels, 3, norm)
 
-
     def _ppm(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
         pooled = [F.interpolate(branch(x), size=size, mode="bilinear", align_corners=False)
@@ -287,7 +286,6 @@ class FCNHead(_SegHead):
                                      for i in range(num_convs)))
         self.concat = (_conv_norm_act(shape.channels + channels, channels, 3, norm)
                        if concat_input else None)
-
 
     def layers(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         x = features[self.in_features[0]]
@@ -361,7 +359,6 @@ class EncoderDecoderSegmentor(SemanticSegmentor):
                         f"{attr} expects feature {name!r} with {want.channels} channels at "
                         f"stride {want.stride}, but {source} gives (channels, stride) "
                         f"{available.get(name)}; available: {available}")
-
 
     def extract_features(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Normalised, padded images ``(B, C, H, W)`` -> the features the heads read."""

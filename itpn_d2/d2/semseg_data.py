@@ -125,7 +125,6 @@ class SemSegDatasetMapper(DatasetMapper):
         self.num_classes = num_classes
         self.ignore_value = ignore_value
 
-
     def __call__(self, dataset_dict: dict) -> dict:
         dataset_dict = copy.deepcopy(dataset_dict)
         image_path = dataset_dict["file_name"]
