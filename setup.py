@@ -17,7 +17,7 @@ setup(
     name="itpn_d2",
     version=_version(),
     description="iTPN (HiViT backbone + integral feature pyramid) for Detectron2",
-    packages=find_packages(include=["itpn_d2", "itpn_d2.*"]),
+    packages=find_packages(include=["itpn_d2", "itpn_d2.*", "pretrain", "pretrain.*"]),
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1",
@@ -43,6 +43,18 @@ setup(
         "setuptools<81",  # detectron2.model_zoo imports pkg_resources
         "opencv-python-headless",  # detectron2.utils.visualizer imports cv2
     ],
+    entry_points={
+        "console_scripts": [
+            # The same functions as python pretrain/main.py and python tools/<name>.py.
+            "itpn-pretrain = pretrain.main:cli",
+            "itpn-export-backbone = pretrain.export:cli",
+            "itpn-visualize-reconstruction = pretrain.visualize:cli",
+            "itpn-make-toy = itpn_d2.data.toy:cli",
+            "itpn-prepare-ade20k = itpn_d2.data.ade20k:cli",
+            "itpn-convert-checkpoint = itpn_d2.convert:cli",
+            "itpn-predict = itpn_d2.d2.predictor:cli",
+        ],
+    },
     extras_require={
         "dev": ["pytest"],
         # ONNX export (tools/export_model.py --format onnx) and its checks; ~120 MB.

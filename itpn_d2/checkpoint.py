@@ -21,7 +21,13 @@ import torch
 from .errors import DiskFullError, UserError, disk_full_message
 
 FORMAT_VERSION = 1
-# ImageNet statistics on the 0-255 scale (Detectron2's convention), RGB order.
+# The command that converts published checkpoints (tools/convert_official_checkpoint.py in a
+# checkout); error messages name the entry point, which an installed package has.
+CONVERT_COMMAND = "itpn-convert-checkpoint"
+# ImageNet statistics on the 0-255 scale (Detectron2's convention), RGB order: the one home of
+# these numbers (pretraining divides them by 255). Detectron2's yacs defaults hold the same
+# numbers in BGR order (cfg.MODEL.PIXEL_MEAN); this module must not import detectron2, and the
+# recipes are RGB, so the recipes read them from here.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 METADATA_KEYS = ("model_name", "model_overrides", "pixel_mean", "pixel_std", "channel_order",
@@ -228,7 +234,7 @@ def load_torch_file(path: PathLike, map_location: Union[str, torch.device] = "cp
             f"{path} holds objects this loader will not unpickle ({found.group(1)}; only "
             f"tensors, plain containers, argparse.Namespace and numpy scalars are allowed): "
             f"re-save its tensors as a plain dict, or convert it with "
-            f"tools/convert_official_checkpoint.py") from None
+            f"{CONVERT_COMMAND}") from None
     except Exception as e:  # torch raises many types for a file that is not a checkpoint
         raise _not_a_checkpoint(path, e) from None
     return obj
@@ -278,8 +284,8 @@ def model_from_checkpoint(ckpt: Union[PathLike, Mapping[str, Any]], **extra_over
         ckpt = load_checkpoint(ckpt)
     if "model_name" not in ckpt:
         raise CheckpointError(
-            "checkpoint has no 'model_name' metadata; convert published checkpoints first "
-            "(tools/convert_official_checkpoint.py)")
+            f"checkpoint has no 'model_name' metadata; convert published checkpoints first "
+            f"({CONVERT_COMMAND})")
     overrides = {**ckpt.get("model_overrides", {}), **extra_overrides}
     model = build_itpn(ckpt["model_name"], **overrides)
     check_state_dict(model, ckpt["model"])

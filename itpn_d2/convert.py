@@ -32,7 +32,6 @@ published                     here                        inferred from
 from __future__ import annotations
 
 import argparse
-import inspect
 import re
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -41,7 +40,10 @@ import torch
 
 from .checkpoint import (D2_LOAD_FLAGS, CheckpointError, PathLike, check_state_dict,
                          load_checkpoint, model_metadata, save_checkpoint)
-from .modeling.itpn import ARCHS, ITPN, build_itpn
+from .errors import run_cli
+from .modeling.features import stage_channels
+from .modeling.hivit import PATCH_SIZE
+from .modeling.itpn import ARCHS, build_itpn, itpn_arguments
 
 # Heads of the published architectures, by width (not recoverable from weights without rpe).
 PUBLISHED_HEADS = {128: 4, 384: 6, 512: 8, 768: 12, 896: 14, 1024: 16}
@@ -111,9 +113,9 @@ def infer_official_config(sd: Mapping[str, torch.Tensor],
     grid = round(n_tokens ** 0.5)
     has_pyramid = "split_16to8.reduction.weight" in sd
     cfg = dict(
-        img_size=16 * grid, in_chans=sd["patch_embed.proj.weight"].shape[1], embed_dim=embed_dim,
+        img_size=PATCH_SIZE * grid, in_chans=sd["patch_embed.proj.weight"].shape[1], embed_dim=embed_dim,
         mlp_depth=m1, depth=depth, num_heads=int(num_heads),
-        bridge_mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / (embed_dim // 4),
+        bridge_mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / stage_channels(embed_dim)[0],
         mlp_ratio=sd[f"blocks.{first_attn}.mlp.fc1.weight"].shape[0] / embed_dim,
         qkv_bias=f"blocks.{first_attn}.attn.qkv.bias" in sd,
         abs_pos_embed="absolute_pos_embed" in sd, rpe=rpe,
@@ -128,11 +130,9 @@ def infer_official_config(sd: Mapping[str, torch.Tensor],
 
 def _name_and_overrides(cfg: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
     """The named model needing the fewest overrides to match ``cfg``."""
-    defaults = {p.name: p.default for p in inspect.signature(ITPN.__init__).parameters.values()
-                if p.name != "self"}
     best = None
-    for name, arch in ARCHS.items():
-        base = {**defaults, **arch}
+    for name in ARCHS:
+        base = itpn_arguments(name)
         overrides = {k: v for k, v in cfg.items() if base[k] != v}
         if best is None or len(overrides) < len(best[1]):
             best = (name, overrides)
@@ -213,3 +213,25 @@ def convert_official_checkpoint(src: PathLike, dst: Optional[PathLike] = None,
     if dst is not None:
         save_checkpoint(out, dst)
     return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``itpn-convert-checkpoint SRC DST [--num-heads N]`` (also ``tools/convert_official_checkpoint.py``)."""
+    parser = argparse.ArgumentParser(
+        description="Convert a checkpoint of the published iTPN code (pixel, CLIP or fine-tune "
+                    "model) to iTPN-D2: backbone + pyramid and the metadata to rebuild it; "
+                    "pretraining-only parts are listed as skipped.")
+    parser.add_argument("src", help="published checkpoint (.pth; weights under 'model' or bare)")
+    parser.add_argument("dst", help="where to write the converted checkpoint")
+    parser.add_argument("--num-heads", type=int, default=None,
+                        help="attention heads, for non-published widths without relative "
+                             "position tables (otherwise inferred)")
+    args = parser.parse_args(argv)
+    convert_official_checkpoint(args.src, args.dst, num_heads=args.num_heads)
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def cli(argv: Optional[List[str]] = None) -> int:
+    """The command line; expected errors give one ``error:`` line and exit status 2."""
+    return run_cli(lambda: main(argv))

@@ -80,8 +80,8 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> ITPN:
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     if pretrained and not (overlay.get("file") or overlay.get("state_dict")):
         raise ValueError(f"no {variant} weights are hosted: pass checkpoint_path=FILE (or "
-                         f"pretrained_cfg_overlay=dict(file=FILE)) with a pretrain/main.py "
-                         f"checkpoint, a tools/export_backbone.py export or a converted "
+                         f"pretrained_cfg_overlay=dict(file=FILE)) with an itpn-pretrain "
+                         f"checkpoint, an itpn-export-backbone export or a converted "
                          f"published checkpoint")
     return build_model_with_cfg(
         lambda **kw: build_itpn(variant, **kw), variant, pretrained,

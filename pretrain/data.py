@@ -33,15 +33,16 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
+from itpn_d2.checkpoint import IMAGENET_MEAN as MEAN_255, IMAGENET_STD as STD_255
 from itpn_d2.data.images import load_rgb_image
 from itpn_d2.errors import UserError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-# ImageNet statistics on the 0-1 scale, RGB.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# ImageNet statistics on the 0-1 scale, RGB (itpn_d2.checkpoint holds them on the 0-255 scale).
+IMAGENET_MEAN = tuple(m / 255 for m in MEAN_255)  # (0.485, 0.456, 0.406)
+IMAGENET_STD = tuple(s / 255 for s in STD_255)  # (0.229, 0.224, 0.225)
 # Consecutive unreadable files after which one sample gives up (the data is likely broken).
 MAX_CONSECUTIVE_BAD = 20
 

@@ -16,15 +16,12 @@ import os
 import sys
 from typing import Any, Callable, List, Optional
 
-if __name__ == "__main__":
-    # OpenMP threads that wait passively (sleep instead of spinning) keep CPU training fast when
-    # other processes share the cores: measured on 2 shared cores, itpn_nano at 128 px ran at
-    # ~21 img/s with passive waiting and 4-8 img/s with the default spinning. It must be set
-    # before torch loads OpenMP; an explicit OMP_WAIT_POLICY in the environment wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if __package__ in (None, ""):
-        # Run as a script: make the repository root (the parent of pretrain/) importable.
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from itpn_d2.runtime import set_omp_wait_policy
+
+if "torch" not in sys.modules:
+    # A command line (this script or the itpn-pretrain entry point, which imports this module
+    # first): OpenMP reads the setting when the imports below load torch.
+    set_omp_wait_policy()
 
 from itpn_d2.errors import DEBUG_ENV, EXIT_USER_ERROR, run_cli  # noqa: E402
 from pretrain.engine import PeerStopped, TrainResult, train  # noqa: E402

@@ -50,13 +50,13 @@ from itpn_d2.checkpoint import CheckpointError, load_torch_file
 from itpn_d2.errors import UserError
 from itpn_d2.modeling import ITPN, HiViT, build_itpn, map_to_tokens
 from itpn_d2.modeling.itpn import DECODER_SIZES, DecoderSize  # noqa: F401  (re-exported)
+from itpn_d2.modeling.hivit import PATCH_SIZE
 from itpn_d2.modeling.layers import (AttentionBlock, LayerNorm, gather_tokens, init_weights,
                                      sincos_pos_embed_2d)
 
 from .config import PretrainConfig
 from .data import denormalize
 
-PATCH_SIZE = 16
 LEVEL_SUBS = (4, 2, 1)  # sub-grid side of each pyramid level, strides 4, 8, 16
 MFM_MODES = ("ema", "clip", "none")
 MFM_LOSSES = ("smooth_l1", "cosine")

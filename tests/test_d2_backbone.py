@@ -1,4 +1,4 @@
-"""Detectron2 backbone (shapes, padding, registration) and layer-wise LR decay."""
+"""Detectron2 backbone (shapes, padding) and layer-wise LR decay."""
 
 import pytest
 import torch
@@ -6,11 +6,10 @@ import torch.nn.functional as F
 
 pytest.importorskip("detectron2")
 
-from detectron2.config import LazyConfig, get_cfg, instantiate  # noqa: E402
-from detectron2.modeling import build_backbone  # noqa: E402
+from detectron2.config import LazyConfig, instantiate  # noqa: E402
 
-from itpn_d2.d2 import (ITPNBackbone, add_itpn_config, itpn_layer_id,  # noqa: E402
-                        itpn_lr_factor_func, no_weight_decay_overrides)
+from itpn_d2.d2 import (ITPNBackbone, itpn_layer_id, itpn_lr_factor_func,  # noqa: E402
+                        no_weight_decay_overrides)
 from itpn_d2.modeling import build_itpn  # noqa: E402
 
 TOY_RECIPE = "configs/toy/mask_rcnn_itpn_nano.py"
@@ -93,51 +92,6 @@ def test_large_input_resizes_position_tables_and_uses_sdpa(monkeypatch):
         out = bb(torch.randn(1, 3, 512, 512))
     assert out["p4"].shape == (1, 64, 32, 32) and out["p6"].shape == (1, 64, 8, 8)
     assert calls == [(1, 4, 32 * 32, 32)] * 4  # every attention block, 1024 tokens
-
-
-def test_yacs_registration():
-    cfg = get_cfg()
-    add_itpn_config(cfg)
-    cfg.MODEL.BACKBONE.NAME = "build_itpn_backbone"
-    cfg.MODEL.ITPN.NAME = "itpn_nano"
-    cfg.MODEL.ITPN.DROP_PATH_RATE = 0.1
-    cfg.MODEL.ITPN.RPE = True
-    bb = build_backbone(cfg)
-    assert isinstance(bb, ITPNBackbone)
-    assert bb.net.model_name == "itpn_nano"
-    assert bb.net.model_overrides == {"drop_path_rate": 0.1, "use_checkpoint": False, "rpe": True}
-    assert bb.output_shape()["p6"].stride == 64
-    cfg2 = get_cfg()
-    cfg2.MODEL.BACKBONE.NAME = "build_itpn_backbone"
-    with pytest.raises(KeyError, match="add_itpn_config"):
-        build_backbone(cfg2)
-
-
-def test_yacs_mask_rcnn_without_fpn():
-    """A yacs Mask R-CNN whose RPN/ROI heads read p2-p6 straight from the backbone."""
-    from detectron2.modeling import build_model
-
-    cfg = get_cfg()
-    add_itpn_config(cfg)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.BACKBONE.NAME = "build_itpn_backbone"
-    cfg.MODEL.ITPN.NAME = "itpn_nano"
-    cfg.MODEL.MASK_ON = True
-    cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
-    cfg.INPUT.FORMAT = "RGB"
-    cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
-    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
-    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
-    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
-    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 1
-    cfg.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
-    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 100
-    cfg.TEST.DETECTIONS_PER_IMAGE = 10
-    model = build_model(cfg).eval()
-    assert isinstance(model.backbone, ITPNBackbone)
-    with torch.no_grad():
-        out = model([{"image": torch.rand(3, 80, 100) * 255}])[0]["instances"]
-    assert out.image_size == (80, 100)
 
 
 # --------------------------------------------------------------------------- LR decay

@@ -154,7 +154,7 @@ def test_toy_recipes_register_their_datasets_lazily(tmp_path, monkeypatch):
         for name in ("itpn_toy_val", "itpn_toy_sem_seg_train"):
             with pytest.raises(FileNotFoundError, match=(
                     f"toy dataset file {tmp_path / 'absent' / 'meta.json'} is missing; make the "
-                    f"dataset with `python tools/make_toy_dataset.py {tmp_path / 'absent'}`")):
+                    f"dataset with `itpn-make-toy {tmp_path / 'absent'}`")):
                 DatasetCatalog.get(name)
     finally:
         _unregister_toy()

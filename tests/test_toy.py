@@ -183,4 +183,4 @@ def test_register_missing_dataset_names_path_and_command(tmp_path):
     with pytest.raises(FileNotFoundError) as excinfo:
         register_toy_datasets(tmp_path / "nowhere")
     message = str(excinfo.value)
-    assert str(tmp_path / "nowhere") in message and "tools/make_toy_dataset.py" in message
+    assert str(tmp_path / "nowhere") in message and "`itpn-make-toy " in message

@@ -11,19 +11,16 @@ reported on its own.
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+from detectron2.config import instantiate
+from detectron2.utils.analysis import FlopCountAnalysis
+from fvcore.nn import flop_count_table, parameter_count
+from fvcore.nn.jit_handles import get_shape
 
-from detectron2.config import instantiate  # noqa: E402
-from detectron2.utils.analysis import FlopCountAnalysis  # noqa: E402
-from fvcore.nn import flop_count_table, parameter_count  # noqa: E402
-from fvcore.nn.jit_handles import get_shape  # noqa: E402
-
-from itpn_d2.d2.config import ConfigError, load_config  # noqa: E402
-from itpn_d2.errors import run_cli  # noqa: E402
+from itpn_d2.d2.config import ConfigError, load_config
+from itpn_d2.errors import run_cli
 
 
 def sdpa_flop_jit(inputs, outputs):

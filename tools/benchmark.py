@@ -37,15 +37,13 @@ benchmarks in :mod:`pretrain.benchmark`, the Detectron2 ones in :mod:`itpn_d2.d2
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any, Dict, List, Optional
 
+from itpn_d2.runtime import set_omp_wait_policy
+
 if __name__ == "__main__":
-    # As pretrain/main.py: OpenMP threads sleep instead of spinning while they wait, which keeps
-    # CPU runs fast when other processes share the cores. Set before torch loads OpenMP; an
-    # explicit OMP_WAIT_POLICY in the environment wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    set_omp_wait_policy()  # before torch loads OpenMP (see itpn_d2.runtime)
 
 from itpn_d2.benchmark import (BenchmarkError, format_table, get_parser,  # noqa: E402,F401
                                resolve)

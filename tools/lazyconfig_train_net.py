@@ -29,24 +29,22 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from detectron2.config import instantiate  # noqa: E402
-from detectron2.engine import (AMPTrainer, SimpleTrainer, create_ddp_model,  # noqa: E402
+from detectron2.config import instantiate
+from detectron2.engine import (AMPTrainer, SimpleTrainer, create_ddp_model,
                                default_argument_parser, default_setup, default_writers, hooks)
-from detectron2.evaluation import inference_on_dataset, print_csv_format  # noqa: E402
-from detectron2.utils import comm  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
-from itpn_d2.checkpoint import lock_run_dir, remove_stale_temporaries  # noqa: E402
-from itpn_d2.d2 import ITPNCheckpointer  # noqa: E402
-from itpn_d2.d2.bad_images import (BadImageHook, evaluation_image_errors,  # noqa: E402
+from itpn_d2.checkpoint import lock_run_dir, remove_stale_temporaries
+from itpn_d2.d2 import ITPNCheckpointer
+from itpn_d2.d2.bad_images import (BadImageHook, evaluation_image_errors,
                                    instantiate_train_loader, json_errors_named)
-from itpn_d2.d2.cli import launch_cli  # noqa: E402
-from itpn_d2.d2.config import (ConfigError, check_train_config,  # noqa: E402
+from itpn_d2.d2.cli import launch_cli
+from itpn_d2.d2.config import (ConfigError, check_train_config,
                                eval_checkpoint_problem, load_config, move_trailing_flags)
-from itpn_d2.d2.data import prepare_datasets  # noqa: E402
-from itpn_d2.eval_results import write_eval_results  # noqa: E402
+from itpn_d2.d2.data import prepare_datasets
+from itpn_d2.eval_results import write_eval_results
 
 logger = logging.getLogger("itpn_d2")
 

@@ -1,19 +1,19 @@
 #!/usr/bin/env python
 """Make the synthetic toy shapes dataset (see ``itpn_d2/data/toy.py`` for its layout).
 
+``itpn-make-toy`` (``python -m itpn_d2.data``) takes the same flags but ``--check``.
+
 Examples:
     python tools/make_toy_dataset.py                     # datasets/itpn_toy or $ITPN_TOY_ROOT
     python tools/make_toy_dataset.py /tmp/toy --num-train 32 --num-val 8
     python tools/make_toy_dataset.py --check             # then one detectron2 training step
 """
 
-import argparse
 import sys
-import time
 from pathlib import Path
 
-from itpn_d2.data.toy import TOY_IMAGE_SIZE, default_toy_root, make_toy_dataset, toy_class_names
-from itpn_d2.errors import UserError, run_cli
+from itpn_d2.data.toy import get_parser, make_from_args, toy_class_names
+from itpn_d2.errors import run_cli
 
 
 def forward_check(root: Path, num_images: int = 2) -> None:
@@ -55,35 +55,14 @@ def forward_check(root: Path, num_images: int = 2) -> None:
     print("forward check:", ", ".join(f"{k}={v.item():.3f}" for k, v in sorted(losses.items())))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "out", nargs="?", type=Path, help=f"output folder (default: {default_toy_root()})"
-    )
-    parser.add_argument("--num-train", type=int, default=256)
-    parser.add_argument("--num-val", type=int, default=64)
-    parser.add_argument("--image-size", type=int, default=TOY_IMAGE_SIZE,
-                        help="a multiple of 32")
-    parser.add_argument("--seed", type=int, default=0)
+def main(argv=None) -> int:
+    parser = get_parser()
+    parser.description = __doc__.split("\n")[0]
     parser.add_argument(
         "--check", action="store_true", help="then run one Mask R-CNN training step on it"
     )
-    args = parser.parse_args()
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        raise UserError(f"output folder {args.out} is a file; choose another folder")
-
-    start = time.perf_counter()
-    try:
-        paths = make_toy_dataset(
-            args.out,
-            num_train=args.num_train,
-            num_val=args.num_val,
-            image_size=args.image_size,
-            seed=args.seed,
-        )
-    except ValueError as e:  # sizes and counts, checked by make_toy_dataset
-        raise UserError(f"{e} (--image-size, --num-train, --num-val)") from None
-    print(f"toy dataset ready in {paths['root']} ({time.perf_counter() - start:.1f}s)")
+    args = parser.parse_args(argv)
+    paths = make_from_args(args)
     if args.check:
         forward_check(paths["root"])
     return 0

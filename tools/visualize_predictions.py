@@ -16,20 +16,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+import detectron2.data.transforms as T
+from detectron2.config import instantiate
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.detection_utils import convert_image_to_rgb, read_image
+from PIL import Image
 
-import detectron2.data.transforms as T  # noqa: E402
-from detectron2.config import instantiate  # noqa: E402
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.data.detection_utils import convert_image_to_rgb, read_image  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from itpn_d2.d2 import ITPNCheckpointer  # noqa: E402
-from itpn_d2.d2.bad_images import json_errors_named  # noqa: E402
-from itpn_d2.d2.cli import InputFileError  # noqa: E402
-from itpn_d2.d2.config import ConfigError, load_config  # noqa: E402
-from itpn_d2.d2.data import config_dataset_names, prepare_datasets  # noqa: E402
-from itpn_d2.d2.predictor import draw_instances  # noqa: E402
+from itpn_d2.d2 import ITPNCheckpointer
+from itpn_d2.d2.bad_images import json_errors_named
+from itpn_d2.d2.cli import InputFileError
+from itpn_d2.d2.config import ConfigError, load_config
+from itpn_d2.d2.data import config_dataset_names, prepare_datasets
+from itpn_d2.d2.predictor import draw_instances
 
 
 def parse_args(argv=None):

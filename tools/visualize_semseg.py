@@ -24,17 +24,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+from detectron2.config import instantiate
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.detection_utils import read_image
 
-from detectron2.config import instantiate  # noqa: E402
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.data.detection_utils import read_image  # noqa: E402
-
-from itpn_d2.d2 import ITPNCheckpointer  # noqa: E402
-from itpn_d2.d2.cli import InputFileError  # noqa: E402
-from itpn_d2.d2.config import ConfigError, load_config  # noqa: E402
-from itpn_d2.d2.predictor import draw_sem_seg  # noqa: E402
-from itpn_d2.d2.semseg_data import align_label, exif_orientation, read_label_png  # noqa: E402
+from itpn_d2.d2 import ITPNCheckpointer
+from itpn_d2.d2.cli import InputFileError
+from itpn_d2.d2.config import ConfigError, load_config
+from itpn_d2.d2.predictor import draw_sem_seg
+from itpn_d2.d2.semseg_data import align_label, exif_orientation, read_label_png
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -19,6 +19,7 @@ from detectron2.data import (build_detection_test_loader, build_detection_train_
                              get_detection_dataset_dicts)
 
 from itpn_d2.d2.sem_seg_evaluation import ITPNSemSegEvaluator
+from itpn_d2.data.images import IGNORE_LABEL
 from itpn_d2.d2.semseg_data import SemSegDatasetMapper, semseg_train_augmentations
 
 dataloader = OmegaConf.create()
@@ -32,7 +33,7 @@ dataloader.train = L(build_detection_train_loader)(
             cat_max_ratio=0.75, ignore_value="${..ignore_value}"),
         image_format="RGB",
         num_classes=150,
-        ignore_value=255,
+        ignore_value=IGNORE_LABEL,
     ),
     total_batch_size=16,
     aspect_ratio_grouping=False,  # every sample is a crop of the same size

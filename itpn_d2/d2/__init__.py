@@ -1,12 +1,12 @@
 """Detectron2 integration: backbone, checkpointer, optimizer helpers, data helpers, inference
 (:class:`Predictor`) and export.
 
-Importing this package imports detectron2 and registers ``build_itpn_backbone`` in
-``BACKBONE_REGISTRY``.
+Importing this package imports detectron2. Models are built from LazyConfig recipes
+(``configs/``); yacs configs (``get_cfg()``, ``DefaultPredictor``) are not supported:
+:class:`Predictor` is the one-call inference.
 """
 
-from .backbone import (DEFAULT_OUT_FEATURES, PYRAMID_STRIDES, STAGE_STRIDES, ITPNBackbone,
-                       add_itpn_config, build_itpn_backbone)
+from .backbone import DEFAULT_OUT_FEATURES, PYRAMID_STRIDES, STAGE_STRIDES, ITPNBackbone
 from .checkpoint import ITPNCheckpointer, check_input_format
 from .export import BackboneOutputs, export_model
 from .optim import (find_itpn_backbones, itpn_layer_id, itpn_lr_factor_func,
@@ -15,8 +15,7 @@ from .predictor import Predictor, predict_files
 
 __all__ = [
     "BackboneOutputs", "DEFAULT_OUT_FEATURES", "ITPNBackbone", "ITPNCheckpointer",
-    "PYRAMID_STRIDES", "Predictor", "STAGE_STRIDES", "add_itpn_config", "build_itpn_backbone",
-    "check_input_format", "export_model", "find_itpn_backbones", "itpn_layer_id",
-    "itpn_lr_factor_func", "no_weight_decay_overrides", "no_weight_decay_param_names",
-    "predict_files",
+    "PYRAMID_STRIDES", "Predictor", "STAGE_STRIDES", "check_input_format", "export_model",
+    "find_itpn_backbones", "itpn_layer_id", "itpn_lr_factor_func", "no_weight_decay_overrides",
+    "no_weight_decay_param_names", "predict_files",
 ]

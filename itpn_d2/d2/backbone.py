@@ -8,15 +8,15 @@ detector. Every neck weight therefore comes from pre-training; only the task hea
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling import Backbone
 
-from ..modeling import ITPN, LEVELS, STAGES, build_itpn, feature_info, tokens_to_map
+from ..modeling import ITPN, LEVELS, STAGES, feature_info, tokens_to_map
 from ..modeling.hivit import PATCH_SIZE
 
 # Pyramid outputs (fpn_dim channels each) and backbone stages (for necks that want them too,
@@ -120,53 +120,3 @@ class ITPNBackbone(Backbone):
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {f: ShapeSpec(channels=self._out_feature_channels[f],
                              stride=self._out_feature_strides[f]) for f in self._out_features}
-
-
-# --------------------------------------------------------------------------- yacs configs
-
-
-def add_itpn_config(cfg) -> None:
-    """Add ``MODEL.ITPN.*`` to a yacs config (``None`` = the named architecture's default).
-
-    ``NAME``: ``itpn_nano`` ... ``itpn_large``; ``IMG_SIZE``, ``RPE``, ``ABS_POS_EMBED``,
-    ``LAYER_SCALE_INIT``, ``FPN_DEPTH``, ``FPN_DIM``: architecture overrides of
-    :func:`~itpn_d2.modeling.build_itpn` (they must match the checkpoint); ``DROP_PATH_RATE``,
-    ``USE_CHECKPOINT``: training settings; ``OUT_FEATURES``, ``SIZE_DIVISIBILITY``,
-    ``SQUARE_PAD``: see :class:`ITPNBackbone`.
-    """
-    from detectron2.config import CfgNode as CN
-
-    cfg.MODEL.ITPN = CN()
-    cfg.MODEL.ITPN.NAME = "itpn_base"
-    cfg.MODEL.ITPN.IMG_SIZE = None
-    cfg.MODEL.ITPN.RPE = None
-    cfg.MODEL.ITPN.ABS_POS_EMBED = None
-    cfg.MODEL.ITPN.LAYER_SCALE_INIT = None
-    cfg.MODEL.ITPN.FPN_DEPTH = None
-    cfg.MODEL.ITPN.FPN_DIM = None
-    cfg.MODEL.ITPN.DROP_PATH_RATE = 0.0
-    cfg.MODEL.ITPN.USE_CHECKPOINT = False
-    cfg.MODEL.ITPN.OUT_FEATURES = list(DEFAULT_OUT_FEATURES)
-    cfg.MODEL.ITPN.SIZE_DIVISIBILITY = 32
-    cfg.MODEL.ITPN.SQUARE_PAD = 0
-
-
-_YACS_OVERRIDES = {"IMG_SIZE": "img_size", "RPE": "rpe", "ABS_POS_EMBED": "abs_pos_embed",
-                   "LAYER_SCALE_INIT": "layer_scale_init", "FPN_DEPTH": "fpn_depth",
-                   "FPN_DIM": "fpn_dim"}
-
-
-@BACKBONE_REGISTRY.register()
-def build_itpn_backbone(cfg, input_shape: Optional[ShapeSpec] = None) -> ITPNBackbone:
-    """``MODEL.BACKBONE.NAME = "build_itpn_backbone"``; settings under ``MODEL.ITPN`` (see
-    :func:`add_itpn_config`)."""
-    if "ITPN" not in cfg.MODEL:
-        raise KeyError("cfg.MODEL.ITPN is missing; call itpn_d2.d2.add_itpn_config(cfg) first")
-    c = cfg.MODEL.ITPN
-    overrides = {arg: c[key] for key, arg in _YACS_OVERRIDES.items() if c[key] is not None}
-    if input_shape is not None and input_shape.channels not in (None, 3):
-        overrides["in_chans"] = input_shape.channels
-    net = build_itpn(c.NAME, drop_path_rate=c.DROP_PATH_RATE, use_checkpoint=c.USE_CHECKPOINT,
-                     **overrides)
-    return ITPNBackbone(net, out_features=c.OUT_FEATURES, size_divisibility=c.SIZE_DIVISIBILITY,
-                        square_pad=c.SQUARE_PAD)

@@ -28,7 +28,6 @@ initialised.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import tempfile
@@ -41,24 +40,23 @@ from tabulate import tabulate
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _IncompatibleKeys
 
-from ..checkpoint import (D2_LOAD_FLAGS, METADATA_KEYS, TEMP_SUFFIX, CheckpointError,
-                          default_file_mode, load_checkpoint, metadata_of, model_metadata,
+from ..checkpoint import (CONVERT_COMMAND, D2_LOAD_FLAGS, METADATA_KEYS, TEMP_SUFFIX,
+                          CheckpointError, default_file_mode, load_checkpoint, metadata_of, model_metadata,
                           save_checkpoint)
 from ..convert import PUBLISHED_HEADS, convert_official_state_dict, is_official_state_dict
 from ..modeling import ARCHS, ITPN
+from ..modeling.itpn import itpn_arguments
 from .optim import find_itpn_backbones
 
 logger = logging.getLogger(__name__)
 
 # Settings that do not change what the weights mean.
 _TRAINING_ONLY = ("drop_path_rate", "use_checkpoint", "pyramid")
-_ITPN_DEFAULTS = {p.name: p.default for p in inspect.signature(ITPN.__init__).parameters.values()
-                  if p.name != "self"}
 
 
 def resolved_arch(model_name: str, overrides: Mapping[str, Any]) -> Dict[str, Any]:
     """Every ``ITPN`` argument of ``build_itpn(model_name, **overrides)`` except training ones."""
-    full = {**_ITPN_DEFAULTS, **ARCHS[model_name], **overrides}
+    full = itpn_arguments(model_name, **overrides)
     if isinstance(full.get("img_size"), (list, tuple)) and len(set(full["img_size"])) == 1:
         full["img_size"] = full["img_size"][0]
     return {k: v for k, v in full.items() if k not in _TRAINING_ONLY}
@@ -237,8 +235,8 @@ class ITPNCheckpointer(DetectionCheckpointer):
                 f"{filename} looks like a Detectron2 checkpoint of a detector (it has keys of "
                 f"this model such as {_shorten(shared, 3)}) but holds only {found} of the "
                 f"{len(net_keys)} backbone/pyramid tensors ({prefixes[0]}*): it was trained with "
-                f"another backbone. Start from an iTPN checkpoint instead (pretrain/main.py, "
-                f"tools/export_backbone.py or tools/convert_official_checkpoint.py output), or "
+                f"another backbone. Start from an iTPN checkpoint instead (itpn-pretrain, "
+                f"itpn-export-backbone or {CONVERT_COMMAND} output), or "
                 f"give a model_final.pth of this recipe.")
 
     @staticmethod
@@ -351,7 +349,7 @@ class ITPNCheckpointer(DetectionCheckpointer):
             logger.warning(
                 "!!! %s has NO feature pyramid: the detector's pyramid (%spyramid.*) starts from "
                 "RANDOM weights, so the neck is not pre-trained. Use a checkpoint with a pyramid "
-                "(pretrain/main.py or a published pretraining checkpoint) to reuse it. !!!",
+                "(itpn-pretrain or a published pretraining checkpoint) to reuse it. !!!",
                 report["path"], report["prefix"])
 
     def format_report(self, report: Dict[str, Any]) -> str:

@@ -11,6 +11,7 @@ import numpy as np
 import detectron2.data.transforms as T
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 
+from ..data.toy import MAKE_COMMAND, ROOT_ENV
 from ..errors import UserError
 
 
@@ -86,8 +87,8 @@ def check_datasets(names: Union[str, Iterable[str]]) -> None:
             close = difflib.get_close_matches(name, registered, n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             if name.startswith("itpn_toy"):
-                hint += " (toy datasets: make them with tools/make_toy_dataset.py; the train " \
-                        "tool registers them from $ITPN_TOY_ROOT)"
+                hint += (f" (toy datasets: make them with {MAKE_COMMAND}; the train tool "
+                         f"registers them from ${ROOT_ENV})")
             problems.append(f"dataset {name!r} is not registered{hint}")
             continue
         meta = MetadataCatalog.get(name)

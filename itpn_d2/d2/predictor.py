@@ -16,6 +16,7 @@ Detectron2's yacs-based ``DefaultPredictor``)::
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import logging
@@ -36,7 +37,7 @@ from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.modeling import SemanticSegmentor
 from detectron2.structures import Instances
 
-from ..errors import UserError
+from ..errors import UserError, run_cli
 from .checkpoint import ITPNCheckpointer
 from .config import apply_overrides, load_config
 from .data import config_dataset_names
@@ -271,3 +272,38 @@ def predict_files(predictor: Predictor, inputs: Sequence[Union[str, Path]],
     result_path = out_dir / "predictions.json"
     result_path.write_text(json.dumps(records) + "\n")
     return result_path
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The flags of ``itpn-predict`` / ``tools/predict.py``."""
+    parser = argparse.ArgumentParser(
+        description="Predict image files with a recipe and its weights: predictions.json and "
+                    "drawings (see itpn_d2.d2.predictor.predict_files for the format).")
+    parser.add_argument("--config-file", required=True, help="LazyConfig recipe")
+    parser.add_argument("--checkpoint", default=None,
+                        help="weights (default: the config's train.init_checkpoint)")
+    parser.add_argument("--input", nargs="+", required=True, help="image files or folders")
+    parser.add_argument("--output", required=True, help="output folder")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: CUDA if present)")
+    parser.add_argument("--score-threshold", type=float, default=0.5,
+                        help="detections below it are left out of predictions.json and the "
+                             "drawings (0 keeps all, e.g. for COCO evaluation)")
+    parser.add_argument("--no-vis", action="store_true", help="write no drawings")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="key=value config overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    list_images(args.input)  # fail on a missing input before building the model
+    predictor = Predictor(args.config_file, args.checkpoint, device=args.device,
+                          overrides=args.opts)
+    path = predict_files(predictor, args.input, args.output,
+                         score_threshold=args.score_threshold, visualize=not args.no_vis)
+    print(f"wrote {path}")
+    return 0
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """``itpn-predict``; expected errors give one ``error:`` line and exit status 2."""
+    return run_cli(lambda: main(argv))

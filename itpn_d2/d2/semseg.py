@@ -1,6 +1,6 @@
 """Semantic segmentation on the iTPN backbone: UPerNet + auxiliary FCN head, sliding-window test.
 
-* :class:`UPerNetHead` (in ``SEM_SEG_HEADS_REGISTRY``, LazyCall-able): a pyramid pooling module
+* :class:`UPerNetHead` (built with ``LazyCall`` in the recipes): a pyramid pooling module
   (PPM) on the coarsest input level, top-down fusion over all levels (1x1 lateral convs, 3x3
   output convs), concatenation of every level upsampled to the finest stride, a fused 3x3 conv
   and a 1x1 classifier. Its lateral convs only adapt channels: the feature pyramid itself is
@@ -18,7 +18,6 @@ the label resolution, in float32 (also under autocast).
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -26,20 +25,20 @@ import fvcore.nn.weight_init as weight_init
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import to_2tuple
 
-from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
-from detectron2.modeling import META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY, Backbone
-from detectron2.modeling.backbone import build_backbone
+from detectron2.modeling import Backbone
 from detectron2.modeling.meta_arch import SemanticSegmentor
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
-from ..modeling import ARCHS, ITPN
+from ..data.images import IGNORE_LABEL
+from ..modeling.itpn import itpn_arguments
 from .backbone import itpn_output_shapes
 
 __all__ = [
-    "SEG_LEVELS", "EncoderDecoderSegmentor", "FCNHead", "UPerNetHead", "add_upernet_config",
+    "SEG_LEVELS", "EncoderDecoderSegmentor", "FCNHead", "UPerNetHead",
     "concat_backbone_stages", "itpn_feature_shapes", "seg_feature_shapes",
     "sliding_window_starts",
 ]
@@ -48,7 +47,6 @@ __all__ = [
 SEG_LEVELS = ("p2", "p3", "p4", "p5")
 # Pyramid level -> backbone stage of the same stride (p5: the stride-16 stage, max-pooled).
 _STAGE_OF_LEVEL = {"p2": "c2", "p3": "c3", "p4": "c4"}
-IGNORE_VALUE = 255
 
 
 # --------------------------------------------------------------------------------- features
@@ -96,10 +94,6 @@ def seg_feature_shapes(backbone_shapes: Mapping[str, ShapeSpec], concat_stages: 
     return out
 
 
-_ITPN_DEFAULTS = {p.name: p.default for p in inspect.signature(ITPN.__init__).parameters.values()
-                  if p.default is not inspect.Parameter.empty}
-
-
 def itpn_feature_shapes(model_name: str, concat_stages: bool = False,
                         features: Optional[Sequence[str]] = SEG_LEVELS,
                         embed_dim: Optional[int] = None, fpn_dim: Optional[int] = None
@@ -115,9 +109,7 @@ def itpn_feature_shapes(model_name: str, concat_stages: bool = False,
         features: names to return (``None``: all).
         embed_dim, fpn_dim: the model's overrides of these, if any.
     """
-    if model_name not in ARCHS:
-        raise KeyError(f"unknown model {model_name!r}; available: {', '.join(ARCHS)}")
-    arch = {**_ITPN_DEFAULTS, **ARCHS[model_name]}
+    arch = itpn_arguments(model_name)
     embed_dim = embed_dim or arch["embed_dim"]
     fpn_dim = fpn_dim or arch["fpn_dim"]
     shapes = seg_feature_shapes(itpn_output_shapes(embed_dim, fpn_dim), concat_stages)
@@ -196,7 +188,6 @@ def _select(input_shape: Mapping[str, ShapeSpec], in_features: Optional[Sequence
     return sorted(((f, input_shape[f]) for f in names), key=lambda kv: kv[1].stride)
 
 
-@SEM_SEG_HEADS_REGISTRY.register()
 class UPerNetHead(_SegHead):
     """UPerNet decode head (Xiao et al., 2018) over a feature pyramid.
 
@@ -213,12 +204,11 @@ class UPerNetHead(_SegHead):
         ignore_value: label ignored by the loss (padding is filled with it too).
     """
 
-    @configurable
     def __init__(self, input_shape: Dict[str, ShapeSpec], *, num_classes: int,
                  in_features: Optional[Sequence[str]] = None, channels: int = 512,
                  pool_scales: Sequence[int] = (1, 2, 3, 6), norm: str = "SyncBN",
                  dropout: float = 0.1, loss_weight: float = 1.0,
-                 ignore_value: int = IGNORE_VALUE):
+                 ignore_value: int = IGNORE_LABEL):
         super().__init__(channels=channels, num_classes=num_classes, dropout=dropout,
                          loss_weight=loss_weight, loss_name="loss_sem_seg",
                          ignore_value=ignore_value)
@@ -242,21 +232,6 @@ class UPerNetHead(_SegHead):
                                        for _ in in_channels[:-1])
         self.fuse = _conv_norm_act(len(in_channels) * channels, channels, 3, norm)
 
-    @classmethod
-    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
-        head = cfg.MODEL.SEM_SEG_HEAD
-        return {
-            "input_shape": input_shape,
-            "in_features": head.IN_FEATURES,
-            "num_classes": head.NUM_CLASSES,
-            "channels": head.CONVS_DIM,
-            "pool_scales": head.POOL_SCALES,
-            "norm": head.NORM,
-            "dropout": head.DROPOUT,
-            "loss_weight": head.LOSS_WEIGHT,
-            "ignore_value": head.IGNORE_VALUE,
-        }
-
     def _ppm(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
         pooled = [F.interpolate(branch(x), size=size, mode="bilinear", align_corners=False)
@@ -278,7 +253,6 @@ class UPerNetHead(_SegHead):
         return self.fuse(torch.cat(outs, dim=1))
 
 
-@SEM_SEG_HEADS_REGISTRY.register()
 class FCNHead(_SegHead):
     """FCN head on one feature level; the auxiliary head of UPerNet (loss ``loss_sem_seg_aux``).
 
@@ -294,11 +268,10 @@ class FCNHead(_SegHead):
         loss_weight: weight of the auxiliary loss (0.4 published).
     """
 
-    @configurable
     def __init__(self, input_shape: Dict[str, ShapeSpec], *, num_classes: int,
                  in_feature: str = "p4", channels: int = 256, num_convs: int = 1,
                  concat_input: bool = False, norm: str = "SyncBN", dropout: float = 0.1,
-                 loss_weight: float = 0.4, ignore_value: int = IGNORE_VALUE):
+                 loss_weight: float = 0.4, ignore_value: int = IGNORE_LABEL):
         super().__init__(channels=channels, num_classes=num_classes, dropout=dropout,
                          loss_weight=loss_weight, loss_name="loss_sem_seg_aux",
                          ignore_value=ignore_value)
@@ -314,21 +287,6 @@ class FCNHead(_SegHead):
         self.concat = (_conv_norm_act(shape.channels + channels, channels, 3, norm)
                        if concat_input else None)
 
-    @classmethod
-    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
-        aux = cfg.MODEL.UPERNET.AUX
-        return {
-            "input_shape": input_shape,
-            "in_feature": aux.IN_FEATURE,
-            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
-            "channels": aux.CONVS_DIM,
-            "num_convs": aux.NUM_CONVS,
-            "norm": cfg.MODEL.SEM_SEG_HEAD.NORM,
-            "dropout": cfg.MODEL.SEM_SEG_HEAD.DROPOUT,
-            "loss_weight": aux.LOSS_WEIGHT,
-            "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
-        }
-
     def layers(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         x = features[self.in_features[0]]
         y = self.convs(x)
@@ -338,10 +296,6 @@ class FCNHead(_SegHead):
 # -------------------------------------------------------------------------------- segmentor
 
 
-def _pair(x: Union[int, Sequence[int]]) -> Tuple[int, int]:
-    return (int(x), int(x)) if isinstance(x, int) else (int(x[0]), int(x[1]))
-
-
 def sliding_window_starts(size: int, window: int, stride: int) -> List[int]:
     """Window offsets along one axis of length ``size >= window``: every ``stride`` pixels, the
     last one moved back to end at the border (so windows never leave the image)."""
@@ -349,7 +303,6 @@ def sliding_window_starts(size: int, window: int, stride: int) -> List[int]:
     return [min(i * stride, size - window) for i in range(count)]
 
 
-@META_ARCH_REGISTRY.register()
 class EncoderDecoderSegmentor(SemanticSegmentor):
     """``SemanticSegmentor`` with an auxiliary head, sliding-window inference and the
     "pyramid level + backbone stage" features of the published iTPN segmentation model.
@@ -370,7 +323,6 @@ class EncoderDecoderSegmentor(SemanticSegmentor):
         input_format: channel order the model expects (``"RGB"`` for iTPN checkpoints).
     """
 
-    @configurable
     def __init__(self, *, backbone: Backbone, sem_seg_head: nn.Module,
                  pixel_mean: Sequence[float], pixel_std: Sequence[float],
                  auxiliary_head: Optional[nn.Module] = None, concat_stages: bool = False,
@@ -384,8 +336,8 @@ class EncoderDecoderSegmentor(SemanticSegmentor):
         if inference_mode not in ("slide", "whole"):
             raise ValueError(f"inference_mode must be 'slide' or 'whole', got {inference_mode!r}")
         self.inference_mode = inference_mode
-        self.window_size = _pair(window_size)
-        self.window_stride = _pair(window_stride)
+        self.window_size = to_2tuple(window_size)
+        self.window_stride = to_2tuple(window_stride)
         divisor = max(backbone.size_divisibility, 1)
         if any(w <= 0 or w % divisor for w in self.window_size):
             raise ValueError(f"window_size {self.window_size} must be positive multiples of the "
@@ -407,27 +359,6 @@ class EncoderDecoderSegmentor(SemanticSegmentor):
                         f"{attr} expects feature {name!r} with {want.channels} channels at "
                         f"stride {want.stride}, but {source} gives (channels, stride) "
                         f"{available.get(name)}; available: {available}")
-
-    @classmethod
-    def from_config(cls, cfg):
-        c = cfg.MODEL.UPERNET
-        backbone = build_backbone(cfg)
-        shapes = seg_feature_shapes(backbone.output_shape(), c.CONCAT_STAGES)
-        aux = None
-        if c.AUX.ENABLED:
-            aux = SEM_SEG_HEADS_REGISTRY.get(c.AUX.NAME)(cfg, shapes)
-        return {
-            "backbone": backbone,
-            "sem_seg_head": SEM_SEG_HEADS_REGISTRY.get(cfg.MODEL.SEM_SEG_HEAD.NAME)(cfg, shapes),
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
-            "auxiliary_head": aux,
-            "concat_stages": c.CONCAT_STAGES,
-            "inference_mode": c.INFERENCE_MODE,
-            "window_size": tuple(c.WINDOW_SIZE),
-            "window_stride": tuple(c.WINDOW_STRIDE),
-            "input_format": cfg.INPUT.FORMAT,
-        }
 
     def extract_features(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Normalised, padded images ``(B, C, H, W)`` -> the features the heads read."""
@@ -497,33 +428,3 @@ class EncoderDecoderSegmentor(SemanticSegmentor):
             total[:, y:y + wh, x:x + ww] += logits
             count[:, y:y + wh, x:x + ww] += 1
         return (total / count)[:, :height, :width]
-
-
-# ------------------------------------------------------------------------------ yacs config
-
-
-def add_upernet_config(cfg) -> None:
-    """Add the keys of :class:`UPerNetHead`, :class:`FCNHead` and
-    :class:`EncoderDecoderSegmentor` to a yacs config (``MODEL.META_ARCHITECTURE =
-    "EncoderDecoderSegmentor"``, ``MODEL.SEM_SEG_HEAD.NAME = "UPerNetHead"``)."""
-    from detectron2.config import CfgNode as CN
-
-    head = cfg.MODEL.SEM_SEG_HEAD
-    head.IN_FEATURES = list(SEG_LEVELS)
-    head.POOL_SCALES = [1, 2, 3, 6]
-    head.DROPOUT = 0.1
-    head.CONVS_DIM = 512
-    head.NORM = "SyncBN"
-    head.IGNORE_VALUE = IGNORE_VALUE
-    cfg.MODEL.UPERNET = CN()
-    cfg.MODEL.UPERNET.CONCAT_STAGES = False
-    cfg.MODEL.UPERNET.INFERENCE_MODE = "slide"
-    cfg.MODEL.UPERNET.WINDOW_SIZE = [512, 512]
-    cfg.MODEL.UPERNET.WINDOW_STRIDE = [341, 341]
-    cfg.MODEL.UPERNET.AUX = CN()
-    cfg.MODEL.UPERNET.AUX.ENABLED = True
-    cfg.MODEL.UPERNET.AUX.NAME = "FCNHead"
-    cfg.MODEL.UPERNET.AUX.IN_FEATURE = "p4"
-    cfg.MODEL.UPERNET.AUX.CONVS_DIM = 256
-    cfg.MODEL.UPERNET.AUX.NUM_CONVS = 1
-    cfg.MODEL.UPERNET.AUX.LOSS_WEIGHT = 0.4

@@ -21,11 +21,11 @@ import torch
 from PIL import Image
 
 import detectron2.data.transforms as T
-from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.utils.file_io import PathManager
 
+from ..data.images import IGNORE_LABEL
 from ..errors import UserError
 
 __all__ = ["LabelError", "SemSegDatasetMapper", "align_label", "check_label", "exif_orientation",
@@ -100,7 +100,7 @@ def check_label(label: np.ndarray, num_classes: int, ignore_value: int, path: st
         raise LabelError(
             f"label file {path} has values {shown} outside the classes 0..{num_classes - 1} "
             f"and the ignore value {ignore_value} (raw ADE20K annotations must be converted with "
-            f"tools/prepare_ade20k.py)")
+            f"itpn-prepare-ade20k)")
 
 
 class SemSegDatasetMapper(DatasetMapper):
@@ -119,20 +119,11 @@ class SemSegDatasetMapper(DatasetMapper):
         ignore_value: label value ignored by the loss.
     """
 
-    @configurable
     def __init__(self, is_train: bool, *, augmentations: List, image_format: str,
-                 num_classes: int, ignore_value: int = 255):
+                 num_classes: int, ignore_value: int = IGNORE_LABEL):
         super().__init__(is_train, augmentations=augmentations, image_format=image_format)
         self.num_classes = num_classes
         self.ignore_value = ignore_value
-
-    @classmethod
-    def from_config(cls, cfg, is_train: bool = True):
-        ret = super().from_config(cfg, is_train)
-        return {"is_train": is_train, "augmentations": ret["augmentations"],
-                "image_format": ret["image_format"],
-                "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
-                "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE}
 
     def __call__(self, dataset_dict: dict) -> dict:
         dataset_dict = copy.deepcopy(dataset_dict)
@@ -165,7 +156,7 @@ class SemSegDatasetMapper(DatasetMapper):
 def semseg_train_augmentations(crop_size: int = 512, short_edge: int = 512,
                                scale_range: Tuple[float, float] = (0.5, 2.0),
                                max_long_edge: int = 2048, cat_max_ratio: float = 0.75,
-                               ignore_value: int = 255, flip: bool = True,
+                               ignore_value: int = IGNORE_LABEL, flip: bool = True,
                                color_jitter: bool = True) -> List[T.Augmentation]:
     """The mmsegmentation ADE20K training pipeline, in Detectron2 augmentations.
 

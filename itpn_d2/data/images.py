@@ -16,6 +16,9 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
+# The label value that no loss or metric counts in semantic label maps (Detectron2's
+# ``ignore_label`` convention): toy labels, ADE20K conversion, the heads, mapper and recipes.
+IGNORE_LABEL = 255
 # Background under transparent pixels (RGB, 0-255).
 TRANSPARENT_BACKGROUND = (255, 255, 255)
 _EXIF_ORIENTATION = 0x0112

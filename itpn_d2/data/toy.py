@@ -3,7 +3,9 @@
 Each image is a textured background with a few filled, textured shapes of ``CLASS_NAMES``
 that may overlap. Everything is drawn from ``seed``: the same settings give identical files.
 
-Layout under ``root`` (default ``datasets/itpn_toy`` in the repository, or ``$ITPN_TOY_ROOT``)::
+Layout under ``root`` (default ``$ITPN_TOY_ROOT``, else ``datasets/itpn_toy`` in the working
+directory, as Detectron2's ``$DETECTRON2_DATASETS``; made by ``itpn-make-toy`` or
+``python -m itpn_d2.data``)::
 
     images/{train,val}/000000.png            RGB images
     annotations/instances_{train,val}.json   COCO instances, masks as compressed RLE
@@ -21,9 +23,11 @@ Labels and masks:
 This module never imports detectron2 at import time; :func:`register_toy_datasets` does.
 """
 
+import argparse
 import json
 import math
 import os
+import time
 from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -31,6 +35,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import pycocotools.mask as mask_util
 from PIL import Image, ImageDraw
+
+from ..errors import UserError, run_cli
+from .images import IGNORE_LABEL
 
 __all__ = [
     "CLASS_NAMES",
@@ -48,7 +55,6 @@ __all__ = [
 TOY_VERSION = 1
 CLASS_NAMES = ("circle", "square", "triangle", "star", "cross")
 BACKGROUND_LABEL = 0
-IGNORE_LABEL = 255
 SPLITS = ("train", "val")
 ROOT_ENV = "ITPN_TOY_ROOT"
 MAX_SHAPES = 5
@@ -59,7 +65,7 @@ TOY_IMAGE_SIZE = 128
 RADIUS_RANGE = (0.08, 0.22)
 # Least RGB distance between a shape's colour and the mean colour it is painted over.
 MIN_CONTRAST = 90.0
-MAKE_COMMAND = "python tools/make_toy_dataset.py"
+MAKE_COMMAND = "itpn-make-toy"  # python tools/make_toy_dataset.py in a checkout
 
 PathLike = Union[str, os.PathLike]
 Instance = Tuple[int, np.ndarray]  # (COCO category id, visible mask [H, W] bool)
@@ -71,10 +77,14 @@ def toy_class_names() -> List[str]:
 
 
 def default_toy_root() -> Path:
-    """``$ITPN_TOY_ROOT`` if set, else ``datasets/itpn_toy`` in the repository."""
+    """``$ITPN_TOY_ROOT`` if set, else ``datasets/itpn_toy`` in the working directory.
+
+    Like Detectron2's ``$DETECTRON2_DATASETS``: never a path inside the installed package, so
+    every checkout and installation finds the data where the user runs the commands.
+    """
     if os.environ.get(ROOT_ENV):
         return Path(os.environ[ROOT_ENV])
-    return Path(__file__).resolve().parents[2] / "datasets" / "itpn_toy"
+    return Path.cwd() / "datasets" / "itpn_toy"
 
 
 def toy_paths(root: PathLike) -> Dict:
@@ -407,3 +417,40 @@ def register_toy_datasets(root: Optional[PathLike] = None, lazy: bool = False) -
             sem_seg_root=split_paths["sem_seg_root"],
         )
     return names
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """The flags of ``itpn-make-toy`` (``tools/make_toy_dataset.py`` adds ``--check``)."""
+    parser = argparse.ArgumentParser(description="Make the synthetic toy shapes dataset.")
+    parser.add_argument("out", nargs="?", type=Path,
+                        help=f"output folder (default: ${ROOT_ENV}, else datasets/itpn_toy)")
+    parser.add_argument("--num-train", type=int, default=256)
+    parser.add_argument("--num-val", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=TOY_IMAGE_SIZE,
+                        help="a multiple of 32")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def make_from_args(args: argparse.Namespace) -> Dict:
+    """:func:`make_toy_dataset` of the parsed flags, with one-line errors; prints the folder."""
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise UserError(f"output folder {args.out} is a file; choose another folder")
+    start = time.perf_counter()
+    try:
+        paths = make_toy_dataset(args.out, num_train=args.num_train, num_val=args.num_val,
+                                 image_size=args.image_size, seed=args.seed)
+    except ValueError as e:  # sizes and counts, checked by make_toy_dataset
+        raise UserError(f"{e} (--image-size, --num-train, --num-val)") from None
+    print(f"toy dataset ready in {paths['root']} ({time.perf_counter() - start:.1f}s)")
+    return paths
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """``itpn-make-toy`` / ``python -m itpn_d2.data``; errors give one ``error:`` line."""
+
+    def main() -> int:
+        make_from_args(get_parser().parse_args(argv))
+        return 0
+
+    return run_cli(main)

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+from ..data.images import IGNORE_LABEL
 from ..data.toy import TOY_IMAGE_SIZE
 from .figures import draw_top_detections, montage, plot_loss_curve, upscale
 from .stages import (D2_CODE, PRETRAIN_CODE, Runner, Stage, StageError, d2_eval_progress,
@@ -358,7 +359,7 @@ class Demo:
 
 
 def all_background_scores(label_dir: Path, num_classes: int = 6,
-                          ignore_label: int = 255) -> Dict[str, float]:
+                          ignore_label: int = IGNORE_LABEL) -> Dict[str, float]:
     """mIoU and pixel accuracy (0-100) of predicting background (label 0) everywhere, computed
     as Detectron2's SemSegEvaluator does (classes absent from labels and predictions are left
     out of the mean): the score a segmenter must beat to show it learned anything."""

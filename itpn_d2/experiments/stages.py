@@ -35,6 +35,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 from tqdm import tqdm
 
 from ..eval_results import EVAL_RESULTS, read_eval_results
+from ..runtime import set_omp_wait_policy
 
 # Code whose changes invalidate cached stages (see source_hash): pretraining, and Detectron2
 # fine-tuning.
@@ -254,10 +255,7 @@ class Runner:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{log_name or stage.name}.log"
         full_env = {**os.environ, **self.env, **(env or {}), "PYTHONUNBUFFERED": "1"}
-        # OpenMP threads that spin while they wait make PyTorch many times slower on CPUs that
-        # other processes share (measured: 5.6 vs 43 img/s pretraining itpn_nano on 2 busy
-        # cores); waiting passively costs little on an idle machine.
-        full_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        set_omp_wait_policy(full_env)
         lines: List[str] = []
         show = self.progress and progress is not None
         bar = tqdm(total=progress.total if show else None, desc=f"  {log_name or stage.name}",

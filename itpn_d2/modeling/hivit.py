@@ -11,6 +11,7 @@ from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.layers import to_2tuple
 from torch.utils.checkpoint import checkpoint
 
 from .features import stage_channels
@@ -32,10 +33,6 @@ class HiViTFeatures(NamedTuple):
     s8: torch.Tensor
     s16: torch.Tensor
     grid: Tuple[int, int]
-
-
-def _pair(x: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
-    return (x, x) if isinstance(x, int) else tuple(x)
 
 
 class HiViT(nn.Module):
@@ -66,7 +63,7 @@ class HiViT(nn.Module):
                  layer_scale_init: Optional[float] = None, drop_path_rate: float = 0.0,
                  use_checkpoint: bool = False):
         super().__init__()
-        img_size = _pair(img_size)
+        img_size = to_2tuple(img_size)
         if embed_dim % 4:
             raise ValueError(f"embed_dim must be divisible by 4, got {embed_dim}")
         if img_size[0] % PATCH_SIZE or img_size[1] % PATCH_SIZE:

@@ -164,7 +164,23 @@ DECODER_SIZES: Dict[str, DecoderSize] = {
     "itpn_large": DecoderSize(512, 8, 16, 256, 8),
 }
 
-BUILD_ARGS = tuple(p for p in inspect.signature(ITPN.__init__).parameters if p != "self")
+# Every ITPN constructor argument with its default, read once from the signature.
+ITPN_DEFAULTS: Dict[str, Any] = {p.name: p.default
+                                 for p in inspect.signature(ITPN.__init__).parameters.values()
+                                 if p.name != "self"}
+BUILD_ARGS = tuple(ITPN_DEFAULTS)
+
+
+def itpn_arguments(name: str, **overrides: Any) -> Dict[str, Any]:
+    """Every ``ITPN`` argument that ``build_itpn(name, **overrides)`` uses, without building it.
+
+    Args:
+        name: a key of :data:`ARCHS`.
+        overrides: as for :func:`build_itpn` (not checked here).
+    """
+    if name not in ARCHS:
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(ARCHS)}")
+    return {**ITPN_DEFAULTS, **ARCHS[name], **overrides}
 
 
 def build_itpn(name: str, **overrides: Any) -> ITPN:

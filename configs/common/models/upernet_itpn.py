@@ -12,6 +12,7 @@ from detectron2.config import LazyCall as L
 from itpn_d2.checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from itpn_d2.d2 import ITPNBackbone
 from itpn_d2.d2.semseg import EncoderDecoderSegmentor, FCNHead, UPerNetHead, itpn_feature_shapes
+from itpn_d2.data.images import IGNORE_LABEL
 from itpn_d2.modeling import build_itpn
 
 model = L(EncoderDecoderSegmentor)(
@@ -32,7 +33,7 @@ model = L(EncoderDecoderSegmentor)(
         norm="SyncBN",
         dropout=0.1,
         loss_weight=1.0,
-        ignore_value=255,
+        ignore_value=IGNORE_LABEL,
     ),
     auxiliary_head=L(FCNHead)(
         input_shape=L(itpn_feature_shapes)(model_name="${...backbone.net.name}",
