@@ -26,7 +26,7 @@ import os
 import random
 import warnings
 from pathlib import Path
-from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -182,13 +182,14 @@ class PretrainImages(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def _load(self, index: int) -> Tuple[Image.Image, int]:
-        """The image at ``index``, or the next readable one; also the number skipped."""
+    def _load(self, index: int, read: Callable[[str], Any] = load_rgb_image) -> Tuple[Any, int]:
+        """``read(path)`` of the image at ``index``, or of the next readable one; also the
+        number of unreadable images skipped on the way."""
         bad = []
         for k in range(MAX_CONSECUTIVE_BAD):
             path = str(self.files[(index + k) % len(self.files)])
             try:
-                return load_rgb_image(path), len(bad)
+                return read(path), len(bad)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}",
                               UnreadableImageWarning, stacklevel=2)

@@ -36,8 +36,7 @@ from PIL import Image
 from itpn_d2.data.images import to_rgb
 from itpn_d2.errors import UserError
 
-from .data import (MAX_CONSECUTIVE_BAD, Crop, DataError, PathLike, PretrainImages,
-                   UnreadableImageWarning, sample_crop, to_uint8_tensor)
+from .data import Crop, DataError, PathLike, PretrainImages, sample_crop, to_uint8_tensor
 
 EXIF_ORIENTATION = 0x0112
 # The start of torchvision 0.29's DeprecationWarning for its image decoders.
@@ -133,17 +132,8 @@ class EncodedImages(PretrainImages):
 
     def __getitem__(self, item: Union[int, Tuple[int, int]]) -> Tuple[EncodedSample, int]:
         index, seed = item if isinstance(item, tuple) else (item, item)
-        bad = []
-        for k in range(MAX_CONSECUTIVE_BAD):
-            path = str(self.files[(int(index) + k) % len(self.files)])
-            try:
-                return read_sample(path, int(seed), self.scale, self.hflip), len(bad)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}",
-                              UnreadableImageWarning, stacklevel=2)
-                bad.append(path)
-        raise DataError(f"{MAX_CONSECUTIVE_BAD} consecutive unreadable images under {self.root} "
-                        f"(first: {bad[0]}); is this an image folder?")
+        return self._load(int(index),
+                          lambda path: read_sample(path, int(seed), self.scale, self.hflip))
 
 
 def collate_encoded(samples: Sequence[Tuple[EncodedSample, int]]

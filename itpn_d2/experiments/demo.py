@@ -37,10 +37,9 @@ from typing import Dict, Optional, Sequence
 from ..data.images import IGNORE_LABEL
 from ..data.toy import TOY_IMAGE_SIZE
 from .figures import draw_top_detections, montage, plot_loss_curve, upscale
-from .stages import (D2_CODE, PRETRAIN_CODE, Runner, Stage, StageError, d2_eval_progress,
-                     d2_overrides, d2_train_progress, eval_metrics, format_duration,
-                     pretrain_progress, pretrain_summary, python, read_json_lines,
-                     resolve_device, source_hash, toy_env, toy_size_overrides)
+from .stages import (Experiment, Stage, StageError, d2_eval_progress, d2_overrides,
+                     d2_train_progress, eval_metrics, format_duration, pretrain_progress,
+                     pretrain_summary, python, read_json_lines, resolve_device, toy_size_overrides)
 
 DET_CONFIG = "configs/toy/mask_rcnn_itpn_nano.py"
 SEG_CONFIG = "configs/toy/upernet_itpn_nano.py"
@@ -130,7 +129,7 @@ def parse_args(argv: Optional[Sequence[str]], repo: Path,
 
 
 # ------------------------------------------------------------------------------- stages
-class Demo:
+class Demo(Experiment):
     """The demo's stages; ``run()`` returns the results written to results.json / REPORT.md.
 
     Args:
@@ -139,15 +138,7 @@ class Demo:
     """
 
     def __init__(self, args: argparse.Namespace, repo: Path):
-        self.args = args
-        self.out = args.output
-        self.data_root = self.out / "data"
-        self.runner = Runner(repo, self.out / "logs", env=toy_env(self.data_root, args.threads),
-                             force=args.force, dry_run=args.dry_run,
-                             progress=not args.no_progress, total_stages=6)
-        # hashed once: part of the settings of the stages that run this code
-        self.pretrain_code = source_hash(repo, *PRETRAIN_CODE)
-        self.d2_code = source_hash(repo, *D2_CODE)
+        super().__init__(args, repo, total_stages=6)
 
     def d2_common(self, stage: Stage, max_iter: int) -> Dict[str, object]:
         a = self.args

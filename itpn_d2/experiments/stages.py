@@ -450,3 +450,26 @@ __all__ = ["D2_CODE", "PRETRAIN_CODE", "Progress", "Runner", "Stage", "StageErro
            "eval_metrics", "format_duration", "mean_std_ci", "pretrain_progress",
            "pretrain_summary", "python", "read_json_lines", "resolve_device",
            "source_hash", "summarize", "t_quantile_975", "toy_env", "toy_size_overrides"]
+
+
+class Experiment:
+    """What the demo and the transfer study share: ``args``, the output folder, the toy data
+    folder, one :class:`Runner` over it, and the hashes of the code their stages run.
+
+    Args:
+        args: the experiment's parsed arguments (``output``, ``threads``, ``force``,
+            ``dry_run``, ``no_progress``).
+        repo: the checkout whose tools the stages run.
+        total_stages: shown as ``[i/total]`` in the progress lines (``None``: ``[i]``).
+    """
+
+    def __init__(self, args, repo: Path, total_stages: Optional[int] = None):
+        self.args = args
+        self.out = args.output
+        self.data_root = self.out / "data"
+        self.runner = Runner(repo, self.out / "logs", env=toy_env(self.data_root, args.threads),
+                             force=args.force, dry_run=args.dry_run,
+                             progress=not args.no_progress, total_stages=total_stages)
+        # hashed once: part of the settings of the stages that run this code
+        self.pretrain_code = source_hash(repo, *PRETRAIN_CODE)
+        self.d2_code = source_hash(repo, *D2_CODE)

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from ..data.toy import TOY_IMAGE_SIZE
-from .stages import (D2_CODE, PRETRAIN_CODE, Runner, Stage, StageError, d2_overrides,
-                     d2_train_progress, eval_metrics, format_duration, mean_std_ci,
-                     pretrain_progress, pretrain_summary, python, resolve_device, source_hash,
-                     toy_env, toy_size_overrides)
+from .stages import (Experiment, Stage, StageError, d2_overrides, d2_train_progress, eval_metrics,
+                     format_duration, mean_std_ci, pretrain_progress, pretrain_summary, python,
+                     resolve_device, toy_size_overrides)
 
 ARMS = ("integral", "conventional", "scratch", "mim_only")
 # pretrain/main.py settings of each pre-trained arm.
@@ -122,7 +121,7 @@ def parse_args(argv: Optional[Sequence[str]], repo: Path,
     return args
 
 
-class Study:
+class Study(Experiment):
     """The study's stages; ``run()`` returns the summary written to results.json.
 
     Args:
@@ -131,15 +130,7 @@ class Study:
     """
 
     def __init__(self, args: argparse.Namespace, repo: Path):
-        self.args = args
-        self.out = args.output
-        self.data_root = self.out / "data"
-        self.runner = Runner(repo, self.out / "logs", env=toy_env(self.data_root, args.threads),
-                             force=args.force, dry_run=args.dry_run,
-                             progress=not args.no_progress)
-        # hashed once: part of the settings of the stages that run this code
-        self.pretrain_code = source_hash(repo, *PRETRAIN_CODE)
-        self.d2_code = source_hash(repo, *D2_CODE)
+        super().__init__(args, repo)
         self.toy_recipe = "configs/toy/" in Path(args.config_file).as_posix() \
             and args.train_dataset is None
         self.toy_pretrain = args.pretrain_data is None
