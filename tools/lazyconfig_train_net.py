@@ -44,6 +44,7 @@ from itpn_d2.d2.cli import launch_cli
 from itpn_d2.d2.config import (ConfigError, check_train_config,
                                eval_checkpoint_problem, load_config, move_trailing_flags)
 from itpn_d2.d2.data import prepare_datasets
+from itpn_d2.errors import run_cli
 from itpn_d2.eval_results import write_eval_results
 
 logger = logging.getLogger("itpn_d2")
@@ -163,8 +164,6 @@ def run(args, cfg):
         problem = eval_checkpoint_problem(cfg, resume_available=resume)
         if problem:
             raise ConfigError(problem)
-
-    if args.eval_only:
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
         model = create_ddp_model(model, **ddp_options(cfg, model))
@@ -183,8 +182,6 @@ def run(args, cfg):
 def invoke_main() -> int:
     args = default_argument_parser().parse_args()
     if args.num_gpus * args.num_machines > 1:  # config errors once, before the workers start
-        from itpn_d2.errors import run_cli
-
         status = run_cli(lambda: load_checked_config(args) and None)
         if status:
             return status
