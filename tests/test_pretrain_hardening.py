@@ -278,7 +278,9 @@ def test_sigkill_during_checkpoint_saves_then_resume(images, tmp_path):
         proc.wait()
         for path in out.glob("checkpoint*.pth"):
             assert load_checkpoint(path)["step"] > 0, path  # nothing half-written
-    assert kills == 3 and list(out.glob(".*.tmp"))
+    assert kills == 3
+    # A kill can land just after the rename, so a leftover is not guaranteed: plant one as well.
+    (out / ".checkpoint-last.pth.planted.tmp").write_bytes(b"half a checkpoint")
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert not list(out.glob(".*.tmp"))
