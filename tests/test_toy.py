@@ -54,6 +54,28 @@ def test_splits_differ_and_images_do_not_depend_on_split_size(tmp_path):
     np.testing.assert_array_equal(_load(paths["train"]["image_root"] / "000000.png"), train_image)
 
 
+def test_pool_holds_unlabelled_images_drawn_like_the_labelled_ones(tmp_path):
+    paths = make_toy_dataset(tmp_path, num_pool=3, seed=0, **SMALL)
+    pool = sorted(paths["pool"].glob("*.png"))
+    assert [p.name for p in pool] == ["000000.png", "000001.png", "000002.png"]
+    image, instances, _ = render_toy_image("pool", 1, 64, seed=0)
+    np.testing.assert_array_equal(_load(pool[1]), image)
+    assert instances and not np.array_equal(image, render_toy_image("train", 1, 64, seed=0)[0])
+    assert json.loads(paths["meta"].read_text())["num_pool"] == 3
+    assert not (tmp_path / "annotations" / "instances_pool.json").exists()
+    with pytest.raises(ValueError, match="negative pool"):
+        make_toy_dataset(tmp_path, num_pool=-1, **SMALL)
+
+
+def test_shapes_lie_inside_the_image_apart_and_whole():
+    for index in range(20):
+        _, instances, semantic = render_toy_image("train", index, 128, seed=0)
+        assert 1 <= len(instances) <= 4 and IGNORE_LABEL not in semantic
+        masks = np.stack([m for _, m in instances])
+        assert masks.sum(0).max() == 1  # no pixel belongs to two shapes
+        assert not masks[:, [0, -1], :].any() and not masks[:, :, [0, -1]].any()
+
+
 def test_existing_dataset_is_reused_and_changed_settings_regenerate(tmp_path):
     paths = make_toy_dataset(tmp_path, **SMALL)
     png = paths["train"]["image_root"] / "000000.png"
