@@ -49,7 +49,7 @@ def test_demo_arguments_and_presets(tmp_path, capsys):
                          (["--det-iters", "0", "--seg-batch", "0"],
                           "--det-iters, --seg-batch must be >= 1"),
                          (["--preset", "smoke", "--pretrain-batch", "999"],
-                          "--pretrain-batch 999 exceeds --num-train 16")):
+                          "--pretrain-batch 999 exceeds --num-pool 16")):
         with pytest.raises(SystemExit) as e:
             demo.parse_args(bad + ["--device", "cpu"], REPO)
         assert e.value.code == 2

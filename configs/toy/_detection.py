@@ -8,7 +8,6 @@ the CPU, the RoIs sampled per image, the batch size and the loader workers); eve
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
 
-from itpn_d2.d2.data import RandomChoice
 from itpn_d2.data.toy import TOY_IMAGE_SIZE, register_toy_datasets
 
 from ..common.schedule import step_schedule
@@ -38,21 +37,19 @@ def toy_detection(model, dataloader, train, model_name="itpn_nano", fpn_dim=64, 
     heads.mask_head.input_shape.channels = fpn_dim
     heads.mask_head.conv_dims = [conv_dim] * 5
     heads.num_classes = 5
-    heads.batch_size_per_image = 64  # toy images hold at most 5 objects: sample fewer RoIs
+    heads.batch_size_per_image = 64  # toy images hold at most 4 objects: sample fewer RoIs
+    # Toy shapes are 26-56 px across: anchors of 16-256 px (COCO's 32-512 miss the small ones).
+    model.proposal_generator.anchor_generator.sizes = [[16], [32], [64], [128], [256]]
+    model.proposal_generator.post_nms_topk = (300, 100)
+    heads.box_predictor.test_topk_per_image = 20  # at most 4 objects per image
 
     dataloader.train.dataset.names = "itpn_toy_train"
     dataloader.test.dataset.names = "itpn_toy_val"
+    # Flip and rescale only: a crop would cut shapes, and a cut shape is a different shape.
     dataloader.train.mapper.augmentations = [
         L(T.RandomFlip)(horizontal=True),
-        L(RandomChoice)(choices=[
-            [L(T.ResizeShortestEdge)(short_edge_length=TOY_SCALES, max_size=213,
-                                     sample_style="choice")],
-            [L(T.ResizeShortestEdge)(short_edge_length=(80, 96, 112), max_size=213,
-                                     sample_style="choice"),
-             L(T.RandomCrop)(crop_type="absolute_range", crop_size=(64, 96)),
-             L(T.ResizeShortestEdge)(short_edge_length=TOY_SCALES, max_size=213,
-                                     sample_style="choice")],
-        ]),
+        L(T.ResizeShortestEdge)(short_edge_length=TOY_SCALES, max_size=213,
+                                sample_style="choice"),
     ]
     dataloader.test.mapper.augmentations = [
         L(T.ResizeShortestEdge)(short_edge_length=TOY_IMAGE_SIZE, max_size=213)]

@@ -3,8 +3,9 @@
 
 Stages (each cached in its own folder under ``--output``, see :mod:`itpn_d2.experiments.stages`):
 
- 1. toy data        make the shapes dataset (``tools/make_toy_dataset.py``)
- 2. pretrain        ``pretrain/main.py``: itpn_nano, MIM + MFM with the EMA teacher; then
+ 1. toy data        make the shapes dataset (``tools/make_toy_dataset.py``): a small labelled
+                    split and a large unlabelled pool
+ 2. pretrain        ``pretrain/main.py`` on the pool: itpn_nano, MIM + MFM with the EMA teacher; then
                     ``tools/export_backbone.py`` (backbone + pyramid for Detectron2)
  3. untrained       ``tools/lazyconfig_train_net.py --eval-only``: the Mask R-CNN with the
                     pre-trained backbone + pyramid and random heads, i.e. with zero fine-tuning
@@ -50,15 +51,15 @@ DET_RESULTS = "inference/coco_instances_results.json"  # under the detection sta
 PRESETS: Dict[str, Dict[str, object]] = {
     # ~10-15 minutes on 2 CPU cores (measured numbers: README.md).
     "full": dict(
-        num_train=256, num_val=64, image_size=TOY_IMAGE_SIZE,
-        pretrain_epochs=40, pretrain_batch=32, pretrain_blr=5e-3, pretrain_warmup=4,
-        det_iters=800, det_batch=2, det_lr=1e-3,
+        num_train=256, num_val=64, num_pool=4096, image_size=TOY_IMAGE_SIZE,
+        pretrain_epochs=3, pretrain_batch=32, pretrain_blr=5e-3, pretrain_warmup=0.3,
+        det_iters=600, det_batch=4, det_lr=2e-3,
         seg_iters=300, seg_batch=4, seg_lr=3e-3,
         vis_images=4,
     ),
     # Every stage in about a minute: checks an installation, not a result.
     "smoke": dict(
-        num_train=16, num_val=4, image_size=64,
+        num_train=16, num_val=4, num_pool=16, image_size=64,
         pretrain_epochs=1, pretrain_batch=8, pretrain_blr=5e-3, pretrain_warmup=0,
         det_iters=4, det_batch=2, det_lr=1e-3,
         seg_iters=4, seg_batch=2, seg_lr=3e-3,
@@ -84,7 +85,9 @@ def get_parser(repo: Path, description: Optional[str] = None) -> argparse.Argume
     p.add_argument("--seed", type=int, default=0, help="seed of pretraining and fine-tuning")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("toy data")
-    g.add_argument("--num-train", type=int, help="training images")
+    g.add_argument("--num-train", type=int, help="labelled training images")
+    g.add_argument("--num-pool", type=int,
+                   help="unlabelled images, the pretraining data (as ImageNet is to COCO)")
     g.add_argument("--num-val", type=int, help="validation images (all are evaluated)")
     g.add_argument("--image-size", type=int, help="image side, a multiple of 32")
     g = p.add_argument_group("pretraining (pretrain/main.py, MIM + MFM with the EMA teacher)")
@@ -112,15 +115,16 @@ def parse_args(argv: Optional[Sequence[str]], repo: Path,
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    positive = ["num_train", "num_val", "image_size", "pretrain_epochs", "pretrain_batch",
+    positive = ["num_train", "num_val", "num_pool", "image_size", "pretrain_epochs",
+                "pretrain_batch",
                 "det_iters", "det_batch", "seg_iters", "seg_batch", "vis_images"]
     bad = [f"--{k.replace('_', '-')}" for k in positive if getattr(args, k) < 1]
     if bad:
         p.error(f"{', '.join(bad)} must be >= 1")
     if args.image_size % 32:
         p.error(f"--image-size must be a multiple of 32, got {args.image_size}")
-    if args.pretrain_batch > args.num_train:
-        p.error(f"--pretrain-batch {args.pretrain_batch} exceeds --num-train {args.num_train}")
+    if args.pretrain_batch > args.num_pool:
+        p.error(f"--pretrain-batch {args.pretrain_batch} exceeds --num-pool {args.num_pool}")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
     args.device = resolve_device(args.device)
@@ -158,13 +162,14 @@ class Demo(Experiment):
     def data(self) -> Stage:
         a = self.args
         stage = Stage("data", "toy data", self.data_root,
-                      dict(num_train=a.num_train, num_val=a.num_val, image_size=a.image_size,
+                      dict(num_train=a.num_train, num_val=a.num_val, num_pool=a.num_pool,
+                           image_size=a.image_size,
                            seed=0),
                       outputs=["meta.json"])
 
         def work(stage: Stage) -> Dict:
             cmd = [python(), self.runner.script("tools/make_toy_dataset.py"), stage.out_dir,
-                   "--num-train", a.num_train, "--num-val", a.num_val,
+                   "--num-train", a.num_train, "--num-val", a.num_val, "--num-pool", a.num_pool,
                    "--image-size", a.image_size]
             self.runner.command(stage, cmd)
             return {}
@@ -182,9 +187,9 @@ class Demo(Experiment):
                       outputs=["checkpoint-last.pth", "backbone.pth", "log.txt"])
 
         def work(stage: Stage) -> Dict:
-            steps = a.pretrain_epochs * (a.num_train // a.pretrain_batch)
+            steps = a.pretrain_epochs * (a.num_pool // a.pretrain_batch)
             cmd = [python(), self.runner.script("pretrain/main.py"), "--model", MODEL,
-                   "--data_path", self.data_root / "images" / "train",
+                   "--data_path", self.data_root / "images" / "pool",
                    "--input_size", a.image_size, "--mfm", "ema", "--pyramid", "on",
                    "--batch_size", a.pretrain_batch, "--epochs", a.pretrain_epochs,
                    "--warmup_epochs", a.pretrain_warmup, "--blr", a.pretrain_blr,
