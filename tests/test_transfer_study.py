@@ -167,7 +167,7 @@ def test_dry_run_toy_commands(tmp_path, capsys, monkeypatch):
     (make,) = [shlex.split(line) for line in text.splitlines() if "make_toy_dataset.py" in line]
     assert make[make.index("--num-pool") + 1] == "4096"
     assert make[make.index("--num-train") + 1] == "256"
-    assert totals == [30 * (4096 // 32)] * 3  # progress: steps of the pool
+    assert totals == [3 * (4096 // 32)] * 3  # progress: steps of the pool
     finetunes = [shlex.split(line) for line in text.splitlines()
                  if "lazyconfig_train_net.py" in line]
     assert len(finetunes) == 4 * 2 * 2  # arms x protocols x seeds
@@ -179,7 +179,7 @@ def test_dry_run_toy_commands(tmp_path, capsys, monkeypatch):
                     for p in ("full", "frozen") for arm in arms]
     for f, path in zip(finetunes, outs):
         assert ("model.backbone.freeze_backbone=True" in f) == ("/frozen/" in path)
-        assert "train.eval_period=80" in f and "train.max_iter=240" in f  # 3 evaluations
+        assert "train.eval_period=66" in f and "train.max_iter=200" in f  # 3 evaluations
     scratch = [f for f, o in zip(finetunes, outs) if o.endswith("/full/scratch_s1")]
     assert len(scratch) == 1 and "train.init_checkpoint=''" in scratch[0]
     assert "train.seed=1" in scratch[0]

@@ -57,8 +57,8 @@ def get_parser(repo: Path, description: Optional[str] = None) -> argparse.Argume
     p.add_argument("--output", type=Path, default=Path(repo) / "output" / "transfer_study")
     p.add_argument("--arms", nargs="+", choices=ARMS,
                    default=["integral", "conventional", "scratch"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
-                   help="fine-tuning seeds (at least 2 for a spread; 3 or more recommended)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
+                   help="fine-tuning seeds (at least 2 for a spread and a verdict)")
     p.add_argument("--protocols", nargs="+", choices=list(PROTOCOLS), default=list(PROTOCOLS),
                    help="full: everything trains; frozen: the HiViT backbone stays fixed "
                         "(model.backbone.freeze_backbone=True), pyramid and heads train")
@@ -84,10 +84,11 @@ def get_parser(repo: Path, description: Optional[str] = None) -> argparse.Argume
                    help="--data_path (ImageNet-style folder); default: the toy train images")
     g.add_argument("--input-size", type=int, default=None,
                    help="--input_size (default: the toy image size on toy data, else 224)")
-    g.add_argument("--pretrain-epochs", type=int, default=30)
+    g.add_argument("--pretrain-epochs", type=int, default=3,
+                   help="epochs over the data (the toy pool: 4096 images, as the demo)")
     g.add_argument("--pretrain-batch", type=int, default=32, help="--batch_size per process")
     g.add_argument("--pretrain-blr", type=float, default=5e-3)
-    g.add_argument("--pretrain-warmup", type=float, default=3)
+    g.add_argument("--pretrain-warmup", type=float, default=0.3)
     g.add_argument("--pretrain-nproc", type=int, default=1,
                    help="processes per node; > 1 launches pretraining with torchrun")
     g.add_argument("--pretrain-args", default="",
@@ -100,11 +101,11 @@ def get_parser(repo: Path, description: Optional[str] = None) -> argparse.Argume
     g.add_argument("--config-file", default=TOY_CONFIG, help="detection LazyConfig recipe")
     g.add_argument("--train-dataset", default=None, help="dataloader.train.dataset.names")
     g.add_argument("--test-dataset", default=None, help="dataloader.test.dataset.names")
-    g.add_argument("--iters", type=int, default=240, help="train.max_iter of every run")
+    g.add_argument("--iters", type=int, default=200, help="train.max_iter of every run")
     g.add_argument("--evals", type=int, default=3,
                    help="evaluations per run (train.eval_period = iters // evals), the AP curve")
-    g.add_argument("--batch", type=int, default=2, help="dataloader.train.total_batch_size")
-    g.add_argument("--lr", type=float, default=1e-3, help="optimizer.lr")
+    g.add_argument("--batch", type=int, default=4, help="dataloader.train.total_batch_size")
+    g.add_argument("--lr", type=float, default=2e-3, help="optimizer.lr")
     g.add_argument("--num-gpus", type=int, default=1, help="GPUs per fine-tuning run")
     g.add_argument("--set", dest="opts", action="append", default=[], metavar="KEY=VALUE",
                    help="another override of the recipe for every run (repeatable), e.g. "
