@@ -196,3 +196,47 @@ def test_weight_decay_overrides_refuse_a_head_parameter_of_the_same_name():
     with pytest.raises(ValueError, match=r"parameters \['head.gamma'\] share a name with the "
                                          r"iTPN parameters that take no weight decay"):
         no_weight_decay_overrides(model)
+
+
+# ------------------------------------------------------------------- frozen backbone
+
+
+def test_frozen_backbone_trains_only_the_pyramid():
+    """freeze_backbone=True: the optimizer gets no HiViT parameter, one step leaves them all
+    equal and moves the pyramid's; ``train()`` keeps the HiViT in eval mode (no drop path)."""
+    from detectron2.solver import get_default_optimizer_params
+
+    torch.manual_seed(0)
+    bb = ITPNBackbone(build_itpn("itpn_nano", drop_path_rate=0.1), freeze_backbone=True)
+    bb.train()
+    assert all(not m.training for m in bb.net.backbone.modules())
+    assert all(m.training for m in bb.net.pyramid.modules())
+    assert bb.training
+    groups = get_default_optimizer_params(bb)
+    in_optimizer = {id(p) for g in groups for p in g["params"]}
+    assert not any(id(p) in in_optimizer for p in bb.net.backbone.parameters())
+    assert all(id(p) in in_optimizer for p in bb.net.pyramid.parameters())
+
+    before = {k: v.clone() for k, v in bb.state_dict().items()}
+    opt = torch.optim.SGD(groups, lr=0.1)
+    sum(o.square().mean() for o in bb(torch.randn(2, 3, 64, 64)).values()).backward()
+    opt.step()
+    after = bb.state_dict()
+    backbone_keys = [k for k in after if k.startswith("net.backbone.")]
+    pyramid_keys = [k for k in after if k.startswith("net.pyramid.")]
+    assert backbone_keys and pyramid_keys
+    assert all(torch.equal(after[k], before[k]) for k in backbone_keys)
+    changed = [k for k in pyramid_keys if not torch.equal(after[k], before[k])]
+    assert len(changed) == len([p for p in bb.net.pyramid.parameters()])
+    bb.eval()
+    assert not any(m.training for m in bb.modules())
+
+
+def test_freeze_backbone_is_an_accepted_override():
+    from itpn_d2.d2.config import load_config
+
+    cfg = load_config(TOY_RECIPE, ["model.backbone.freeze_backbone=True"])
+    assert cfg.model.backbone.freeze_backbone is True
+    bb = instantiate(cfg.model.backbone)
+    assert not any(p.requires_grad for p in bb.net.backbone.parameters())
+    assert all(p.requires_grad for p in bb.net.pyramid.parameters())

@@ -54,8 +54,8 @@ def import_tool(name):
     return sys.modules[key]
 
 
-def run_tool(args, toy_root, timeout=600):
-    env = {**os.environ, "ITPN_TOY_ROOT": str(toy_root), "PYTHONPATH": str(ROOT)}
+def run_tool(args, toy_root, timeout=600, env=None):
+    env = {**os.environ, "ITPN_TOY_ROOT": str(toy_root), "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.run([sys.executable, "-W", "ignore", "tools/lazyconfig_train_net.py",
                            *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
@@ -89,6 +89,28 @@ def test_train_20_iterations_from_pretraining(trained):
     assert "eta:" in log and "lr:" in log  # CommonMetricPrinter
     assert (out / "model_0000009.pth").exists() and (out / "model_final.pth").exists()
     assert list(out.glob("events.out.tfevents.*"))  # TensorBoard writer
+
+
+def test_same_seed_fine_tunings_log_identical_losses(toy_root, tmp_path):
+    """Two 12-iteration toy Mask R-CNN runs with one seed on one CPU thread: every logged loss
+    equal at every iteration (what makes the transfer study's paired seeds paired)."""
+    def losses(out):
+        proc, log = run_tool(["--config-file", TOY, "train.max_iter=12", "train.log_period=1",
+                              "train.seed=7", "train.device=cpu", "train.eval_period=0",
+                              "train.checkpointer.period=100", f"train.output_dir={out}",
+                              "dataloader.train.total_batch_size=1"], toy_root,
+                             env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+        assert proc.returncode == 0, log[-4000:]
+        rows = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+        return {r["iteration"]: {k: v for k, v in r.items()
+                                 if k == "total_loss" or k.startswith("loss_")}
+                for r in rows if "total_loss" in r}
+
+    first, second = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(first) == list(range(12))
+    assert {"loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc"} <= \
+        set(first[0])
+    assert first == second
 
 
 def test_pretrain_main_checkpoint_loads_verbatim(trained):

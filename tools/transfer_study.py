@@ -11,8 +11,15 @@ differences: a seed fixes the heads' initialisation and the data order in every 
     scratch       nothing pre-trained
     mim_only      (optional) backbone + pyramid pre-trained by MIM only (--mfm none)
 
+under each protocol of ``--protocols``: ``full`` (everything trains) and ``frozen`` (the HiViT
+stays fixed, model.backbone.freeze_backbone=True; pyramid and heads train). Every run is
+evaluated ``--evals`` times (the box AP curve). Per protocol, a go / no-go verdict: go when some
+pre-trained arm beats scratch (paired box-AP difference with a 95% interval above 0); only
+then are the differences between pre-trained arms interpreted.
+
 At toy scale (the default: itpn_nano on the synthetic shapes, CPU, ~30 minutes on 2 cores) the
-study pre-trains the checkpoints itself with one shared budget. For real data, give the
+study pre-trains the checkpoints itself with one shared budget, on an unlabelled pool of toy
+images (``--num-pool``). For real data, give the
 pretraining data (``--pretrain-data``, ``--model``, ``--pretrain-nproc``...) or ready
 checkpoints (``--integral-checkpoint``...), a full recipe (``--config-file``), dataset names,
 iterations and ``--num-gpus``. Every run is cached (``itpn_d2/experiments/stages.py``; the

@@ -55,10 +55,15 @@ class ITPNBackbone(Backbone):
             16 (its token size); 32 (the published detection setting) keeps ``p5`` exact.
         square_pad: if > 0, pad every batch to this square size instead (e.g. 1024 for
             large-scale jitter); images larger than it are an error.
+        freeze_backbone: train with the HiViT (``net.backbone``) fixed: its parameters get
+            ``requires_grad=False`` (Detectron2's optimizer skips them) and it stays in eval
+            mode (no drop path); the pyramid and the heads train (a linear-probe-like
+            protocol for comparing pre-trained backbones).
     """
 
     def __init__(self, net: ITPN, out_features: Sequence[str] = DEFAULT_OUT_FEATURES,
-                 size_divisibility: int = 32, square_pad: int = 0):
+                 size_divisibility: int = 32, square_pad: int = 0,
+                 freeze_backbone: bool = False):
         super().__init__()
         if not isinstance(net, ITPN):
             raise TypeError(f"net must be an itpn_d2.modeling.ITPN, got {type(net).__name__}")
@@ -83,6 +88,16 @@ class ITPNBackbone(Backbone):
         shapes = itpn_output_shapes(net.backbone.embed_dim, net.fpn_dim)
         self._out_feature_strides = {f: shapes[f].stride for f in out_features}
         self._out_feature_channels = {f: shapes[f].channels for f in out_features}
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:
+            self.net.backbone.requires_grad_(False)
+            self.net.backbone.eval()
+
+    def train(self, mode: bool = True) -> "ITPNBackbone":
+        super().train(mode)
+        if self.freeze_backbone:  # the trainer calls model.train(): keep the frozen part fixed
+            self.net.backbone.eval()
+        return self
 
     @property
     def size_divisibility(self) -> int:
