@@ -34,6 +34,7 @@ def toy_detection(model, dataloader, train, model_name="itpn_nano", fpn_dim=64, 
         head.fc_dims = [fc_dim]
     for predictor in predictors:
         predictor.input_shape.channels = fc_dim
+        predictor.test_topk_per_image = 20  # at most 4 objects per image
     heads.mask_head.input_shape.channels = fpn_dim
     heads.mask_head.conv_dims = [conv_dim] * 5
     heads.num_classes = 5
@@ -41,7 +42,6 @@ def toy_detection(model, dataloader, train, model_name="itpn_nano", fpn_dim=64, 
     # Toy shapes are 26-56 px across: anchors of 16-256 px (COCO's 32-512 miss the small ones).
     model.proposal_generator.anchor_generator.sizes = [[16], [32], [64], [128], [256]]
     model.proposal_generator.post_nms_topk = (300, 100)
-    heads.box_predictor.test_topk_per_image = 20  # at most 4 objects per image
 
     dataloader.train.dataset.names = "itpn_toy_train"
     dataloader.test.dataset.names = "itpn_toy_val"
