@@ -17,7 +17,8 @@ evaluated ``--evals`` times (the box AP curve). Per protocol, a go / no-go verdi
 pre-trained arm beats scratch (paired box-AP difference with a 95% interval above 0); only
 then are the differences between pre-trained arms interpreted.
 
-At toy scale (the default: itpn_nano on the synthetic shapes, CPU, ~30 minutes on 2 cores) the
+At toy scale (the default: itpn_nano on the synthetic shapes, CPU; about 80 minutes on 2 cores,
+estimated from 2.4-minute fine-tuning runs and 4.75-minute pretrainings) the
 study pre-trains the checkpoints itself with one shared budget, on an unlabelled pool of toy
 images (``--num-pool``). For real data, give the
 pretraining data (``--pretrain-data``, ``--model``, ``--pretrain-nproc``...) or ready

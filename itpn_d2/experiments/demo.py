@@ -49,7 +49,7 @@ DET_RESULTS = "inference/coco_instances_results.json"  # under the detection sta
 
 # Settings of each preset; command-line flags override single values.
 PRESETS: Dict[str, Dict[str, object]] = {
-    # ~10-15 minutes on 2 CPU cores (measured numbers: README.md).
+    # ~13 minutes on 2 idle CPU cores (measured numbers: README.md).
     "full": dict(
         num_train=256, num_val=64, num_pool=4096, image_size=TOY_IMAGE_SIZE,
         pretrain_epochs=3, pretrain_batch=32, pretrain_blr=5e-3, pretrain_warmup=0.3,
@@ -75,7 +75,7 @@ def get_parser(repo: Path, description: Optional[str] = None) -> argparse.Argume
     p.add_argument("--output", type=Path, default=Path(repo) / "output" / "demo",
                    help="output folder (default: output/demo)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="full",
-                   help="default sizes: 'full' (~11 min on 2 idle CPU cores) or 'smoke' (~1 min)")
+                   help="default sizes: 'full' (~13 min on 2 idle CPU cores) or 'smoke' (~1 min)")
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if available)")
