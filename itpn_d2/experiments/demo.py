@@ -159,23 +159,6 @@ class Demo(Experiment):
     def size_overrides(self, kind: str) -> Dict[str, object]:
         return toy_size_overrides(kind, self.args.image_size)
 
-    def data(self) -> Stage:
-        a = self.args
-        stage = Stage("data", "toy data", self.data_root,
-                      dict(num_train=a.num_train, num_val=a.num_val, num_pool=a.num_pool,
-                           image_size=a.image_size,
-                           seed=0),
-                      outputs=["meta.json"])
-
-        def work(stage: Stage) -> Dict:
-            cmd = [python(), self.runner.script("tools/make_toy_dataset.py"), stage.out_dir,
-                   "--num-train", a.num_train, "--num-val", a.num_val, "--num-pool", a.num_pool,
-                   "--image-size", a.image_size]
-            self.runner.command(stage, cmd)
-            return {}
-
-        return self.runner.run(stage, work)
-
     def pretrain(self, data: Stage) -> Stage:
         a = self.args
         settings = dict(model=MODEL, mfm="ema", pyramid="on", epochs=a.pretrain_epochs,
@@ -330,7 +313,7 @@ class Demo(Experiment):
 
     def run(self) -> Dict:
         start = time.perf_counter()
-        data = self.data()
+        data = self.toy_data()
         pretrain = self.pretrain(data)
         untrained = self.untrained(pretrain)
         detection = self.detection(pretrain)

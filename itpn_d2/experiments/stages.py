@@ -473,3 +473,21 @@ class Experiment:
         # hashed once: part of the settings of the stages that run this code
         self.pretrain_code = source_hash(repo, *PRETRAIN_CODE)
         self.d2_code = source_hash(repo, *D2_CODE)
+
+    def toy_data(self) -> Stage:
+        """The toy dataset in ``data_root`` (``args``: ``num_train``, ``num_val``,
+        ``num_pool``, ``image_size``), made by ``tools/make_toy_dataset.py``."""
+        a = self.args
+        sizes = dict(num_train=a.num_train, num_val=a.num_val, num_pool=a.num_pool,
+                     image_size=a.image_size)
+        stage = Stage("data", "toy data", self.data_root, dict(**sizes, seed=0),
+                      outputs=["meta.json"])
+
+        def work(stage: Stage) -> Dict:
+            flags = [x for key, value in sizes.items()
+                     for x in (f"--{key.replace('_', '-')}", value)]
+            self.runner.command(stage, [python(), self.runner.script("tools/make_toy_dataset.py"),
+                                        stage.out_dir, *flags])
+            return {}
+
+        return self.runner.run(stage, work)

@@ -168,21 +168,9 @@ class Study(Experiment):
 
     # ------------------------------------------------------------------ stages
     def data(self) -> Optional[Stage]:
-        a = self.args
         if not (self.toy_recipe or (self.toy_pretrain and self.pretrained_arms_to_train())):
             return None
-        stage = Stage("data", "toy data", self.data_root,
-                      dict(num_train=a.num_train, num_val=a.num_val, num_pool=a.num_pool,
-                           image_size=a.image_size, seed=0), outputs=["meta.json"])
-
-        def work(stage: Stage) -> Dict:
-            self.runner.command(stage, [python(), self.runner.script("tools/make_toy_dataset.py"),
-                                        stage.out_dir, "--num-train", a.num_train,
-                                        "--num-val", a.num_val, "--num-pool", a.num_pool,
-                                        "--image-size", a.image_size])
-            return {}
-
-        return self.runner.run(stage, work)
+        return self.toy_data()
 
     def pretrained_arms_to_train(self) -> List[str]:
         return [arm for arm in self.args.arms
