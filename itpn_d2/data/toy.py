@@ -279,11 +279,16 @@ def _annotation(mask: np.ndarray, category: int, image_id: int, ann_id: int) -> 
     }
 
 
+def _empty_folder(folder: Path) -> None:
+    """Create ``folder``, or remove the images of an earlier dataset from it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.png"):
+        stale.unlink()
+
+
 def _write_split(paths: Dict, split: str, count: int, image_size: int, seed: int) -> None:
     for folder in (paths["image_root"], paths["sem_seg_root"]):
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob("*.png"):
-            stale.unlink()
+        _empty_folder(folder)
     paths["json_file"].parent.mkdir(parents=True, exist_ok=True)
 
     images, annotations = [], []
@@ -313,9 +318,7 @@ def _write_split(paths: Dict, split: str, count: int, image_size: int, seed: int
 
 def _write_pool(folder: Path, count: int, image_size: int, seed: int) -> None:
     """The unlabelled pretraining images (no annotations are written for them)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob("*.png"):
-        stale.unlink()
+    _empty_folder(folder)
     for index in range(count):
         image, _, _ = render_toy_image(POOL_SPLIT, index, image_size, seed)
         Image.fromarray(image).save(folder / f"{index:06d}.png")
