@@ -53,6 +53,7 @@ setup(
             "itpn-prepare-ade20k = itpn_d2.data.ade20k:cli",
             "itpn-convert-checkpoint = itpn_d2.convert:cli",
             "itpn-predict = itpn_d2.d2.predictor:cli",
+            "itpn-probe = itpn_d2.probe:cli",
         ],
     },
     extras_require={

@@ -67,6 +67,25 @@ def test_pool_holds_unlabelled_images_drawn_like_the_labelled_ones(tmp_path):
         make_toy_dataset(tmp_path, num_pool=-1, **SMALL)
 
 
+def test_probe_split_is_labelled_and_leaves_the_other_splits_unchanged(tmp_path):
+    plain = _files(make_toy_dataset(tmp_path / "a", num_pool=2, seed=0, **SMALL)["root"])
+    paths = make_toy_dataset(tmp_path / "b", num_pool=2, num_probe=3, seed=0, **SMALL)
+    with_probe = _files(paths["root"])
+    probe = paths["probe"]
+    assert sorted(p.name for p in probe["image_root"].glob("*.png")) == [
+        "000000.png", "000001.png", "000002.png"]
+    assert len(json.loads(probe["json_file"].read_text())["images"]) == 3
+    assert (probe["sem_seg_root"] / "000002.png").is_file()
+    image, _, _ = render_toy_image("probe", 2, 64, seed=0)
+    np.testing.assert_array_equal(_load(probe["image_root"] / "000002.png"), image)
+    for name, data in plain.items():  # train, val and pool images are the same
+        if name.suffix == ".png":
+            assert with_probe[name] == data, name
+    assert json.loads(paths["meta"].read_text())["num_probe"] == 3
+    with pytest.raises(ValueError, match="no negative pool or probe split"):
+        make_toy_dataset(tmp_path, num_probe=-1, **SMALL)
+
+
 def test_shapes_lie_inside_the_image_apart_and_whole():
     for index in range(20):
         _, instances, semantic = render_toy_image("train", index, 128, seed=0)
@@ -171,7 +190,13 @@ def test_register_toy_datasets(toy_root):
         "itpn_toy_val",
         "itpn_toy_sem_seg_train",
         "itpn_toy_sem_seg_val",
+        "itpn_toy_probe",
+        "itpn_toy_sem_seg_probe",
     }
+    with pytest.raises(FileNotFoundError, match=f"^toy dataset {toy_root} has no probe split; "
+                                                f"make it with `itpn-make-toy {toy_root} "
+                                                f"--num-probe 768`$"):
+        DatasetCatalog.get("itpn_toy_probe")
 
     records = DatasetCatalog.get("itpn_toy_train")
     assert len(records) == 16

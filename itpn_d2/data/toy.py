@@ -9,10 +9,10 @@ Layout under ``root`` (default ``$ITPN_TOY_ROOT``, else ``datasets/itpn_toy`` in
 directory, as Detectron2's ``$DETECTRON2_DATASETS``; made by ``itpn-make-toy`` or
 ``python -m itpn_d2.data``)::
 
-    images/{train,val}/000000.png            RGB images
-    images/pool/000000.png                   unlabelled RGB images, for pretraining only
-    annotations/instances_{train,val}.json   COCO instances, masks as compressed RLE
-    sem_seg/{train,val}/000000.png           uint8 labels, same file names as the images
+    images/{train,val,probe}/000000.png            RGB images (probe: optional)
+    images/pool/000000.png                         unlabelled RGB images, for pretraining only
+    annotations/instances_{train,val,probe}.json   COCO instances, masks as compressed RLE
+    sem_seg/{train,val,probe}/000000.png           uint8 labels, same file names as the images
     meta.json                                class names, sizes, seed, version
 
 Labels and masks:
@@ -62,7 +62,10 @@ __all__ = [
 TOY_VERSION = 2
 CLASS_NAMES = ("circle", "square", "triangle", "star", "cross")
 BACKGROUND_LABEL = 0
-SPLITS = ("train", "val")  # labelled
+SPLITS = ("train", "val")  # labelled, always made
+# Labelled like val, optional (``num_probe``): a held-out set large enough for linear probes to
+# give tight intervals (itpn-probe), kept apart so that the demo's val evaluation stays quick.
+PROBE_SPLIT = "probe"
 POOL_SPLIT = "pool"  # unlabelled, for pretraining
 # Upright pose of each shape (radians): squares axis-aligned, triangles and stars point up.
 UPRIGHT = {"circle": 0.0, "square": math.pi / 4, "triangle": -math.pi / 2, "star": -math.pi / 2,
@@ -105,7 +108,7 @@ def toy_paths(root: PathLike) -> Dict:
     """Paths of the dataset under ``root``, named as Detectron2's loaders name them."""
     root = Path(root)
     paths = {"root": root, "meta": root / "meta.json", POOL_SPLIT: root / "images" / POOL_SPLIT}
-    for split in SPLITS:
+    for split in (*SPLITS, PROBE_SPLIT):
         paths[split] = {
             "image_root": root / "images" / split,
             "json_file": root / "annotations" / f"instances_{split}.json",
@@ -114,12 +117,14 @@ def toy_paths(root: PathLike) -> Dict:
     return paths
 
 
-def _settings(num_train: int, num_val: int, num_pool: int, image_size: int, seed: int) -> Dict:
+def _settings(num_train: int, num_val: int, num_pool: int, image_size: int, seed: int,
+              num_probe: int = 0) -> Dict:
     return {
         "version": TOY_VERSION,
         "num_train": num_train,
         "num_val": num_val,
         "num_pool": num_pool,
+        "num_probe": num_probe,
         "image_size": image_size,
         "seed": seed,
         "min_area": _min_area(image_size),
@@ -225,7 +230,7 @@ def render_toy_image(
         instances: (category id, visible mask) of the annotated shapes, in drawing order.
         semantic: uint8 [H, W] labels (see the module docstring).
     """
-    splits = (*SPLITS, POOL_SPLIT)
+    splits = (*SPLITS, POOL_SPLIT, PROBE_SPLIT)  # appended, so earlier splits draw as before
     if split not in splits:
         raise ValueError(f"split must be one of {splits}, got {split!r}")
     rng = np.random.default_rng([seed, splits.index(split), index])
@@ -331,6 +336,7 @@ def make_toy_dataset(
     image_size: int = TOY_IMAGE_SIZE,
     seed: int = 0,
     num_pool: int = 0,
+    num_probe: int = 0,
 ) -> Dict:
     """Write the toy dataset under ``root`` unless an identical one is already there.
 
@@ -341,24 +347,27 @@ def make_toy_dataset(
         image_size: image side in pixels, a multiple of 32.
         seed: seed of every random choice.
         num_pool: number of unlabelled pretraining images (``images/pool``; 0: none).
+        num_probe: number of images of the labelled ``probe`` split (0: none), held out for
+            linear probing.
 
     Returns:
         :func:`toy_paths` of ``root``.
     """
     if image_size < 32 or image_size % 32:
         raise ValueError(f"image_size must be a positive multiple of 32, got {image_size}")
-    if num_train < 1 or num_val < 1 or num_pool < 0:
-        raise ValueError(f"need at least one image per labelled split and no negative pool, "
-                         f"got {num_train=} {num_val=} {num_pool=}")
+    if num_train < 1 or num_val < 1 or num_pool < 0 or num_probe < 0:
+        raise ValueError(f"need at least one image per labelled split and no negative pool or "
+                         f"probe split, got {num_train=} {num_val=} {num_pool=} {num_probe=}")
     paths = toy_paths(root if root is not None else default_toy_root())
-    settings = _settings(num_train, num_val, num_pool, image_size, seed)
+    settings = _settings(num_train, num_val, num_pool, image_size, seed, num_probe)
     if _is_complete(paths, settings):
         return paths
 
     paths["root"].mkdir(parents=True, exist_ok=True)
     paths["meta"].unlink(missing_ok=True)  # an interrupted run must not look complete
-    for split, count in (("train", num_train), ("val", num_val)):
-        _write_split(paths[split], split, count, image_size, seed)
+    for split, count in (("train", num_train), ("val", num_val), (PROBE_SPLIT, num_probe)):
+        if count:
+            _write_split(paths[split], split, count, image_size, seed)
     if num_pool:
         _write_pool(paths[POOL_SPLIT], num_pool, image_size, seed)
     meta = {
@@ -377,7 +386,8 @@ def _is_complete(paths: Dict, settings: Dict) -> bool:
     meta = json.loads(paths["meta"].read_text())
     if any(meta.get(key) != value for key, value in settings.items()):
         return False
-    return all(paths[split]["json_file"].is_file() for split in SPLITS)
+    made = SPLITS + ((PROBE_SPLIT,) if settings["num_probe"] else ())
+    return all(paths[split]["json_file"].is_file() for split in made)
 
 
 # ------------------------------------------------------------------------------ detectron2
@@ -409,6 +419,9 @@ def _load_split(paths: Dict, split: str, kind: str) -> List[Dict]:
 
     if _missing_files(paths):
         raise _missing_error(paths)
+    if not paths[split]["json_file"].is_file():  # the optional probe split
+        raise FileNotFoundError(f"toy dataset {paths['root']} has no {split} split; make it "
+                                f"with `{MAKE_COMMAND} {paths['root']} --num-{split} 768`")
     p = {key: str(path) for key, path in paths[split].items()}
     if kind == "instances":
         return load_coco_json(p["json_file"], p["image_root"], f"itpn_toy_{split}")
@@ -420,7 +433,8 @@ def register_toy_datasets(root: Optional[PathLike] = None, lazy: bool = False) -
 
     ``itpn_toy_{train,val}`` are COCO instance datasets (evaluator "coco"),
     ``itpn_toy_sem_seg_{train,val}`` semantic segmentation ones (evaluator "sem_seg",
-    ``stuff_classes`` = background + shapes, ``ignore_label`` = 255).
+    ``stuff_classes`` = background + shapes, ``ignore_label`` = 255); ``itpn_toy_probe`` and
+    ``itpn_toy_sem_seg_probe`` likewise when the probe split was made (``lazy``: always).
 
     Args:
         root: the dataset folder; ``None`` means :func:`default_toy_root`.
@@ -439,7 +453,7 @@ def register_toy_datasets(root: Optional[PathLike] = None, lazy: bool = False) -
         raise _missing_error(paths)
 
     names = []
-    for split in SPLITS:
+    for split in (*SPLITS, PROBE_SPLIT):
         split_paths = {key: str(path) for key, path in paths[split].items()}
         instances_name, sem_seg_name = f"itpn_toy_{split}", f"itpn_toy_sem_seg_{split}"
         names += [instances_name, sem_seg_name]
@@ -476,6 +490,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-val", type=int, default=64)
     parser.add_argument("--num-pool", type=int, default=0,
                         help="unlabelled pretraining images (images/pool)")
+    parser.add_argument("--num-probe", type=int, default=0,
+                        help="labelled images held out for linear probing (images/probe; "
+                             "768 give intervals of about +-2.3 points on object accuracy)")
     parser.add_argument("--image-size", type=int, default=TOY_IMAGE_SIZE,
                         help="a multiple of 32")
     parser.add_argument("--seed", type=int, default=0)
@@ -490,9 +507,10 @@ def make_from_args(args: argparse.Namespace) -> Dict:
     try:
         paths = make_toy_dataset(args.out, num_train=args.num_train, num_val=args.num_val,
                                  image_size=args.image_size, seed=args.seed,
-                                 num_pool=args.num_pool)
+                                 num_pool=args.num_pool, num_probe=args.num_probe)
     except ValueError as e:  # sizes and counts, checked by make_toy_dataset
-        raise UserError(f"{e} (--image-size, --num-train, --num-val, --num-pool)") from None
+        raise UserError(f"{e} (--image-size, --num-train, --num-val, --num-pool, --num-probe)"
+                        ) from None
     print(f"toy dataset ready in {paths['root']} ({time.perf_counter() - start:.1f}s)")
     return paths
 
