@@ -75,8 +75,11 @@ def test_d2_training_iteration_against_vitdet(bench):
         check_row(row, "d2", row["name"])
     assert rows[0]["model"] == "itpn_nano" and rows[1]["model"] == "vitdet_b"
     assert rows[1]["params_m"] > 80  # ViT-B backbone
+    # the ratio is stored rounded to 3 decimals: it differs from the exact one by <= 5e-4,
+    # whatever the machine's speed (a relative tolerance fails on fast machines, where the
+    # ratio is ~0.03 and the rounding alone is over 1% of it)
     assert rows[0]["ratio_to_vitdet_b"] == pytest.approx(
-        rows[0]["step_ms"] / rows[1]["step_ms"], rel=1e-2)
+        rows[0]["step_ms"] / rows[1]["step_ms"], abs=5e-4 + 1e-12)
 
 
 @pytest.mark.parametrize("argv, message", [
