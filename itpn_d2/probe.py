@@ -18,7 +18,8 @@ weight is chosen on a fifth of the training items held out, then the fit is redo
 them. Intervals are percentile bootstraps over val items (objects, images). Since a linear map
 commutes with bilinear upsampling, the dense classifier is fit on features sampled at labelled
 pixel positions (``grid_sample``, the same interpolation as ``F.interpolate``), and evaluated on
-the full upsampled logits. Imports detectron2 only to read registered datasets.
+the full upsampled logits; its training pixels are sampled class-balanced per image. Imports
+detectron2 only to read registered datasets.
 """
 
 from __future__ import annotations
@@ -81,10 +82,14 @@ class LinearProbe:
 
 
 def _lbfgs(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float,
-           max_iter: int = 200) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression on standardised ``x`` [N, C], labels ``y`` [N]."""
-    weight = torch.zeros(x.shape[1], num_classes, requires_grad=True)
-    bias = torch.zeros(num_classes, requires_grad=True)
+           init: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, max_iter: int = 100
+           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression on standardised ``x`` [N, C], labels ``y`` [N],
+    started from ``init`` (weight, bias) or zeros."""
+    if init is None:
+        init = (torch.zeros(x.shape[1], num_classes), torch.zeros(num_classes))
+    weight = init[0].clone().requires_grad_(True)
+    bias = init[1].clone().requires_grad_(True)
     opt = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
                             tolerance_grad=1e-6, tolerance_change=1e-9,
                             line_search_fn="strong_wolfe")
@@ -105,22 +110,27 @@ def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int,
     """Fit a probe on features ``x`` [N, C] (float) and labels ``y`` [N] (0..K-1).
 
     The L2 weight is the one of ``weight_decays`` with the best accuracy on a random fifth of
-    the items (fit on the rest); the final fit uses every item.
+    the items (fit on the rest, strongest first, each fit started from the previous one); the
+    final fit uses every item, started from the chosen held-out fit.
     """
     x = x.float()
     mean = x.mean(0)
     std = x.std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones_like(mean)
     z = (x - mean) / std
-    chosen = weight_decays[0]
+    weight_decays = sorted(weight_decays, reverse=True)
+    chosen, init = weight_decays[0], None
     if len(weight_decays) > 1 and len(x) >= 10:
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
         held, kept = order[: len(x) // 5], order[len(x) // 5:]
-        scores = []
+        best = -1.0
         for wd in weight_decays:
-            w, b = _lbfgs(z[kept], y[kept], num_classes, wd)
-            scores.append(((z[held] @ w + b).argmax(-1) == y[held]).float().mean().item())
-        chosen = weight_decays[int(np.argmax(scores))]
-    weight, bias = _lbfgs(z, y, num_classes, chosen)
+            fit = _lbfgs(z[kept], y[kept], num_classes, wd, init)
+            score = ((z[held] @ fit[0] + fit[1]).argmax(-1) == y[held]).float().mean().item()
+            if score > best:
+                best, chosen, start = score, wd, fit
+            init = fit
+        init = start
+    weight, bias = _lbfgs(z, y, num_classes, chosen, init)
     return LinearProbe(mean, std, weight, bias, chosen)
 
 
@@ -427,10 +437,18 @@ def probe_object(models, train: Sequence[Item], val: Sequence[Item], num_classes
 
 def _sample_positions(label: np.ndarray, count: int, ignore: int, rng: np.random.Generator
                       ) -> np.ndarray:
-    """``[n, 2]`` (y, x) of up to ``count`` labelled pixels."""
-    ys, xs = np.nonzero(label != ignore)
-    pick = rng.choice(len(ys), size=min(count, len(ys)), replace=False)
-    return np.stack([ys[pick], xs[pick]], 1)
+    """``[n, 2]`` (y, x) of up to ``count`` labelled pixels, class-balanced: an equal share for
+    each class present in ``label`` (all pixels of a class with fewer). Sampled in proportion
+    to area, background (~87% of toy pixels) would make "background everywhere" the best
+    linear fit for any features, and the probe would not tell features apart."""
+    present = [c for c in np.unique(label) if c != ignore]
+    share = max(1, count // max(len(present), 1))
+    picks = []
+    for c in present:
+        ys, xs = np.nonzero(label == c)
+        pick = rng.choice(len(ys), size=min(share, len(ys)), replace=False)
+        picks.append(np.stack([ys[pick], xs[pick]], 1))
+    return np.concatenate(picks) if picks else np.zeros((0, 2), np.int64)
 
 
 def probe_dense(models, train: Sequence[Item], val: Sequence[Item], num_classes: int,
@@ -467,16 +485,20 @@ def probe_dense(models, train: Sequence[Item], val: Sequence[Item], num_classes:
     for chunk, images, _ in _batches(val, s.size, s.batch_size, "dense evaluation (val)",
                                      s.progress):
         label_maps = [_read_label(item.label_file) for item in chunk]
+        shapes = sorted({label.shape for label in label_maps})
         for m in models:
             for source, fmap in m.features(images).items():
                 probe = probes[(m.name, source)]
                 logits = probe.logits(fmap.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-                for b, label in enumerate(label_maps):
-                    up = F.interpolate(logits[b:b + 1], size=label.shape, mode="bilinear",
-                                       align_corners=False)
-                    pred = up[0].argmax(0).numpy()
-                    conf[(m.name, source)].append(confusion_matrix(pred, label, num_classes,
-                                                                   ignore))
+                per_image = [None] * len(chunk)
+                for shape in shapes:  # one upsampling per label size in the batch
+                    idx = [b for b, label in enumerate(label_maps) if label.shape == shape]
+                    pred = F.interpolate(logits[idx], size=shape, mode="bilinear",
+                                         align_corners=False).argmax(1).numpy()
+                    for j, b in enumerate(idx):
+                        per_image[b] = confusion_matrix(pred[j], label_maps[b], num_classes,
+                                                        ignore)
+                conf[(m.name, source)].extend(per_image)
     return [{"model": k[0], "source": k[1],
              **segmentation_with_interval(np.stack(v), s.seed),
              "weight_decay": probes[k].weight_decay} for k, v in conf.items()]
