@@ -45,6 +45,12 @@ def test_toy_recipes_are_the_full_recipes_on_the_toy_data():
         assert toy.optimizer.params == full.optimizer.params
         assert toy.dataloader.train.dataset.names == "itpn_toy_train"
         assert toy.train.max_iter < full.train.max_iter // 100
+        # the head changes that made the toy heads learn faster (configs/toy/_detection.py)
+        heads = toy.model.roi_heads
+        box_heads = heads.box_heads if "box_heads" in heads else [heads.box_head]
+        assert [h.conv_norm for h in box_heads] == ["GN"] * len(box_heads), name
+        assert heads.mask_head.conv_norm == "GN"
+        assert (heads.batch_size_per_image, heads.positive_fraction) == (32, 0.5)
 
 
 @pytest.mark.parametrize("name", TOY_DETECTION)

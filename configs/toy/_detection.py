@@ -1,8 +1,13 @@
 """The one set of overrides that turns a COCO detection recipe into its CPU / toy-data variant.
 
 Only model size, head channels, dataset names, input sizes and schedule change (with, for
-the CPU, the RoIs sampled per image, the batch size and the loader workers); everything else
-(head layout, losses, optimizer, augmentation policy) is the full recipe's.
+the CPU, the RoIs sampled per image, the batch size and the loader workers), and, because
+they made the toy heads learn much faster, GroupNorm in the box and mask heads and RoI
+sampling of 32 per image at up to 50% foreground. Measured from scratch, seed 0, batch 4,
+lr 2e-3, 1200 iterations (box AP at iterations 600 / 1000; README "Toy recipes"):
+the full recipe's heads (SyncBN box head, no mask-head norm, 64 RoIs at 25%) 1.5 / 14.1,
+GroupNorm heads 3.6 / 16.5, GroupNorm + 32 RoIs at 50% 8.6 / 34.7. Everything else (head
+layout, losses, optimizer, augmentation policy) is the full recipe's.
 """
 
 import detectron2.data.transforms as T
@@ -32,13 +37,18 @@ def toy_detection(model, dataloader, train, model_name="itpn_nano", fpn_dim=64, 
         head.input_shape.channels = fpn_dim
         head.conv_dims = [conv_dim] * 4
         head.fc_dims = [fc_dim]
+        head.conv_norm = "GN"  # batch statistics of a few RoIs per image learn slowly
     for predictor in predictors:
         predictor.input_shape.channels = fc_dim
         predictor.test_topk_per_image = 20  # at most 4 objects per image
     heads.mask_head.input_shape.channels = fpn_dim
     heads.mask_head.conv_dims = [conv_dim] * 5
+    heads.mask_head.conv_norm = "GN"
     heads.num_classes = 5
-    heads.batch_size_per_image = 64  # toy images hold at most 4 objects: sample fewer RoIs
+    # Toy images hold at most 4 objects (~10 foreground RoIs): fewer RoIs per image at up to
+    # 50% foreground keep the box classifier from sitting at "background" for ~800 iterations.
+    heads.batch_size_per_image = 32
+    heads.positive_fraction = 0.5
     # Toy shapes are 26-56 px across: anchors of 16-256 px (COCO's 32-512 miss the small ones).
     model.proposal_generator.anchor_generator.sizes = [[16], [32], [64], [128], [256]]
     model.proposal_generator.post_nms_topk = (300, 100)
