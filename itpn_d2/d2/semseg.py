@@ -139,11 +139,18 @@ class _SegHead(nn.Module):
     """
 
     def __init__(self, *, channels: int, num_classes: int, dropout: float, loss_weight: float,
-                 loss_name: str, ignore_value: int):
+                 loss_name: str, ignore_value: int,
+                 class_weight: Optional[Sequence[float]] = None):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if class_weight is not None and len(class_weight) != num_classes:
+            raise ValueError(f"class_weight has {len(class_weight)} entries for {num_classes} "
+                             f"classes")
         self.num_classes = num_classes
+        # A buffer, so it follows the model's device; not persistent: checkpoints do not hold it.
+        self.register_buffer("class_weight", None if class_weight is None else
+                             torch.tensor([float(w) for w in class_weight]), persistent=False)
         self.ignore_value = ignore_value
         self.loss_weight = loss_weight
         self.loss_name = loss_name
@@ -174,7 +181,8 @@ class _SegHead(nn.Module):
     def losses(self, logits: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
         logits = F.interpolate(logits.float(), size=targets.shape[-2:], mode="bilinear",
                                align_corners=False)
-        loss = F.cross_entropy(logits, targets, ignore_index=self.ignore_value)
+        loss = F.cross_entropy(logits, targets, weight=self.class_weight,
+                               ignore_index=self.ignore_value)
         return {self.loss_name: loss * self.loss_weight}
 
 
@@ -202,16 +210,20 @@ class UPerNetHead(_SegHead):
         dropout: channel dropout before the classifier.
         loss_weight: weight of the cross-entropy loss ``loss_sem_seg``.
         ignore_value: label ignored by the loss (padding is filled with it too).
+        class_weight: per-class weights of the cross-entropy (``None``: all 1), as
+            mmsegmentation's ``class_weight``; the weighted mean divides by the weights of the
+            counted pixels.
     """
 
     def __init__(self, input_shape: Dict[str, ShapeSpec], *, num_classes: int,
                  in_features: Optional[Sequence[str]] = None, channels: int = 512,
                  pool_scales: Sequence[int] = (1, 2, 3, 6), norm: str = "SyncBN",
                  dropout: float = 0.1, loss_weight: float = 1.0,
-                 ignore_value: int = IGNORE_LABEL):
+                 ignore_value: int = IGNORE_LABEL,
+                 class_weight: Optional[Sequence[float]] = None):
         super().__init__(channels=channels, num_classes=num_classes, dropout=dropout,
                          loss_weight=loss_weight, loss_name="loss_sem_seg",
-                         ignore_value=ignore_value)
+                         ignore_value=ignore_value, class_weight=class_weight)
         selected = _select(input_shape, in_features)
         self.in_features = [name for name, _ in selected]
         self.input_shape = dict(selected)
@@ -264,17 +276,18 @@ class FCNHead(_SegHead):
         num_convs: 3x3 convs before the classifier.
         concat_input: concatenate the input with the conv output before the classifier (through
             one more 3x3 conv), as FCN's ``concat_input``.
-        norm, dropout, ignore_value: as for :class:`UPerNetHead`.
+        norm, dropout, ignore_value, class_weight: as for :class:`UPerNetHead`.
         loss_weight: weight of the auxiliary loss (0.4 published).
     """
 
     def __init__(self, input_shape: Dict[str, ShapeSpec], *, num_classes: int,
                  in_feature: str = "p4", channels: int = 256, num_convs: int = 1,
                  concat_input: bool = False, norm: str = "SyncBN", dropout: float = 0.1,
-                 loss_weight: float = 0.4, ignore_value: int = IGNORE_LABEL):
+                 loss_weight: float = 0.4, ignore_value: int = IGNORE_LABEL,
+                 class_weight: Optional[Sequence[float]] = None):
         super().__init__(channels=channels, num_classes=num_classes, dropout=dropout,
                          loss_weight=loss_weight, loss_name="loss_sem_seg_aux",
-                         ignore_value=ignore_value)
+                         ignore_value=ignore_value, class_weight=class_weight)
         if num_convs < 1:
             raise ValueError(f"num_convs must be >= 1, got {num_convs}")
         (name, shape), = _select(input_shape, [in_feature])
