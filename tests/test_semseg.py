@@ -160,7 +160,7 @@ def test_concat_stages_model_runs():
 # ---------------------------------------------------------------------------- recipes
 
 
-def test_toy_recipe_trains_20_iterations_with_falling_loss(toy_root):
+def test_toy_recipe_trains_40_iterations_with_falling_loss(toy_root):
     cfg = _toy_cfg(toy_root)
     torch.manual_seed(0)
     np.random.seed(0)
@@ -170,7 +170,7 @@ def test_toy_recipe_trains_20_iterations_with_falling_loss(toy_root):
     scheduler = instantiate(cfg.lr_multiplier)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     loader = iter(instantiate(cfg.dataloader.train))
-    max_iter = 20
+    max_iter = 40
     totals = []
     for it in range(max_iter):
         for group, lr in zip(optimizer.param_groups, base_lrs):
@@ -183,8 +183,10 @@ def test_toy_recipe_trains_20_iterations_with_falling_loss(toy_root):
         optimizer.step()
         totals.append(total.item())
     assert all(np.isfinite(totals))
+    # starts at the uniform prediction's loss, (1 + 0.4) * ln 6 = 2.51; falls by 19% in 40
+    # iterations at the recipe's lr 1e-3 (the mean of 5 iterations smooths the batch noise)
     first, last = np.mean(totals[:5]), np.mean(totals[-5:])
-    assert last < 0.8 * first, totals
+    assert last < 0.85 * first, totals
 
 
 def test_full_recipe_instantiates_with_published_settings():
@@ -390,10 +392,11 @@ def test_mapper_rejects_bad_labels_sizes_and_missing_files(tmp_path, toy_root):
     with pytest.raises(FileNotFoundError, match=r"image file .*noimage\.png does not exist"):
         mapper({"file_name": str(tmp_path / "noimage.png"), "sem_seg_file_name": ok})
 
-    # The toy recipe's mapper on real toy data: labels 0-5 and 255 only, crops of 96 or less.
+    # The toy recipe's mapper on real toy data: labels 0-5 and 255 only, whole images rescaled
+    # by 0.75-1 (96-128 px).
     cfg = _toy_cfg(toy_root)
     toy_mapper = instantiate(cfg.dataloader.train.mapper)
     assert toy_mapper.num_classes == 6
     sample = toy_mapper(DatasetCatalog.get("itpn_toy_sem_seg_train")[0])
-    assert max(sample["sem_seg"].shape) <= 96
+    assert 96 <= min(sample["sem_seg"].shape) <= max(sample["sem_seg"].shape) <= 128
     assert set(sample["sem_seg"].unique().tolist()) <= set(range(6)) | {255}
