@@ -175,3 +175,36 @@ def test_failed_command_names_stage_command_and_log(tmp_path):
                                "print('about to fail'); import sys; sys.exit(3)"])
     assert "about to fail" in str(e.value) and "boom.log" in str(e.value)
     assert "about to fail" in (tmp_path / "logs" / "boom.log").read_text()
+
+
+def test_run_parallel_runs_every_stage_numbered_in_order(tmp_path):
+    """Both stages run (each while the other is still running: they wait for each other),
+    are numbered in the order given, and a failure is raised after both ended."""
+    import threading
+
+    barrier = threading.Barrier(2, timeout=60)  # deadlocks (and times out) if run one by one
+
+    def work(stage):
+        barrier.wait()
+        (stage.out_dir / "out.txt").write_text(stage.name)
+        return {"name": stage.name}
+
+    out = io.StringIO()
+    runner = Runner(tmp_path, tmp_path / "logs", progress=False, stream=out, total_stages=3)
+    runner.run(Stage("first", "first", tmp_path / "first", {}), lambda s: {})
+    a, b = (Stage(n, f"stage {n}", tmp_path / n, {}, outputs=["out.txt"]) for n in "ab")
+    done = runner.run_parallel([(a, work), (b, work)])
+    assert [s.results for s in done] == [{"name": "a"}, {"name": "b"}]
+    assert [s.name for s in runner.stages] == ["first", "a", "b"]
+    text = out.getvalue()
+    assert "[2/3] stage a: done" in text and "[3/3] stage b: done" in text
+
+    def fail(stage):
+        raise stages.StageError("b failed")
+
+    c = Stage("c", "c", tmp_path / "c", {}, outputs=["out.txt"])
+    d = Stage("d", "d", tmp_path / "d", {})
+    with pytest.raises(stages.StageError, match="b failed"):
+        runner.run_parallel([(c, lambda s: (s.out_dir / "out.txt").write_text("c") and {}),
+                             (d, fail)])
+    assert (tmp_path / "c" / "out.txt").read_text() == "c"  # the other stage finished
