@@ -18,6 +18,8 @@ setup(
     version=_version(),
     description="iTPN (HiViT backbone + integral feature pyramid) for Detectron2",
     packages=find_packages(include=["itpn_d2", "itpn_d2.*", "pretrain", "pretrain.*"]),
+    # the shipped toy checkpoints (itpn_d2.zoo)
+    package_data={"itpn_d2": ["weights/*.pth", "weights/*.json", "weights/*.png"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1",

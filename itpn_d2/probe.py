@@ -44,6 +44,7 @@ from .errors import UserError, run_cli
 from .modeling import ARCHS, build_itpn
 from .modeling.features import LEVELS, STAGES
 from .modeling.layers import tokens_to_map
+from .zoo import ZOO_PREFIX, ZooError, zoo_path
 
 PROTOCOLS = ("object", "dense", "image")
 SOURCES = tuple(name for name, _, _ in STAGES + LEVELS)  # c2 c3 c4 p2 p3 p4
@@ -243,12 +244,17 @@ def load_models(spec: str, sources: Sequence[str], seed: int = 0) -> List[Featur
 
     Args:
         spec: a checkpoint of this project (pretraining checkpoint, export, converted
-            published file) or ``random:<name>``.
+            published file), a shipped one (``itpn-zoo://<name>``) or ``random:<name>``.
         sources: feature sources to compute (a subset of :data:`SOURCES`).
         seed: seed of the random model's initialisation.
     """
     kind, value = parse_model_spec(spec)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if kind == "checkpoint" and value.startswith(ZOO_PREFIX):
+        try:
+            value = str(zoo_path(value))
+        except ZooError as e:
+            raise ProbeError(str(e)) from None
     if kind == "checkpoint":
         if not os.path.isfile(value):
             raise ProbeError(f"checkpoint {value} does not exist; give a checkpoint file or "
@@ -648,7 +654,7 @@ def get_parser() -> argparse.ArgumentParser:
         description="Linear probes of a frozen iTPN (object, dense, image protocols) beside raw "
                     "pixels and a random model of the same architecture, with 95% intervals.")
     p.add_argument("checkpoint", help="checkpoint (pretraining, export or converted published "
-                                      "file), or random:<model name>")
+                                      "file), itpn-zoo://<shipped name>, or random:<model name>")
     p.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=["object", "dense"])
     p.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES),
                    help="backbone stages and pyramid levels to probe (default: all)")

@@ -38,7 +38,9 @@ import torch
 from tabulate import tabulate
 
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.file_io import PathManager
 from fvcore.common.checkpoint import _IncompatibleKeys
+from iopath.common.file_io import PathHandler
 
 from ..checkpoint import (CONVERT_COMMAND, D2_LOAD_FLAGS, METADATA_KEYS, TEMP_SUFFIX,
                           CheckpointError, default_file_mode, load_checkpoint, metadata_of, model_metadata,
@@ -46,6 +48,7 @@ from ..checkpoint import (CONVERT_COMMAND, D2_LOAD_FLAGS, METADATA_KEYS, TEMP_SU
 from ..convert import PUBLISHED_HEADS, convert_official_state_dict, is_official_state_dict
 from ..modeling import ARCHS, ITPN
 from ..modeling.itpn import itpn_arguments
+from ..zoo import ZOO_PREFIX, zoo_path
 from .optim import find_itpn_backbones
 
 logger = logging.getLogger(__name__)
@@ -386,3 +389,30 @@ class ITPNCheckpointer(DetectionCheckpointer):
         except ValueError:
             return False
         return True
+
+
+class ZooHandler(PathHandler):
+    """``itpn-zoo://<name>``: a checkpoint shipped with the package (:mod:`itpn_d2.zoo`), for
+    Detectron2's ``PathManager`` (registered by ``import itpn_d2.d2``)."""
+
+    PREFIX = ZOO_PREFIX
+
+    def _get_supported_prefixes(self) -> List[str]:
+        return [self.PREFIX]
+
+    def _get_local_path(self, path: str, **kwargs: Any) -> str:
+        return str(zoo_path(path))
+
+    def _open(self, path: str, mode: str = "r", **kwargs: Any):
+        return PathManager.open(self._get_local_path(path), mode, **kwargs)
+
+    def _exists(self, path: str, **kwargs: Any) -> bool:
+        return os.path.isfile(self._get_local_path(path))
+
+    _isfile = _exists
+
+
+def register_zoo_handler() -> None:
+    """Let Detectron2's ``PathManager`` open ``itpn-zoo://`` paths (once per process)."""
+    if ZOO_PREFIX not in PathManager._path_handlers:
+        PathManager.register_handler(ZooHandler())
