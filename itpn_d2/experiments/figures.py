@@ -123,3 +123,32 @@ def montage(paths: Sequence[Path], out: Path, title: str, columns: int = 4) -> P
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_eval_curves(curves: Dict[str, Dict[str, List[Dict]]], path: Path,
+                     title: str = "") -> Path:
+    """One panel per metric (``"bbox"``, ``"segm"``, ``"sem_seg"``): value against
+    iteration for each run of ``curves`` (``{run: {metric: [{"iteration", "value"}]}}``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in ("bbox", "segm", "sem_seg") if any(m in c for c in curves.values())]
+    labels = {"bbox": "box AP", "segm": "mask AP", "sem_seg": "mIoU"}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.3), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for run, curve in curves.items():
+            if metric in curve:
+                ax.plot([p["iteration"] for p in curve[metric]],
+                        [p["value"] for p in curve[metric]], marker="o", markersize=3, label=run)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(f"{labels[metric]} (toy val)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
