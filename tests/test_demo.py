@@ -40,7 +40,7 @@ def test_all_background_reference_scores(tmp_path):
 def test_demo_arguments_and_presets(tmp_path, capsys):
     args = demo.parse_args(["--output", str(tmp_path), "--det-iters", "7", "--device", "cpu"],
                            REPO)
-    assert args.preset == "full" and args.det_iters == 7
+    assert args.preset == "full" and args.det_iters == 7 and args.init == "shipped"
     assert args.num_train == demo.PRESETS["full"]["num_train"]
     assert demo.parse_args(["--device", "cpu"], REPO).output == REPO / "output" / "demo"
     smoke = demo.parse_args(["--preset", "smoke", "--device", "cpu"], REPO)
@@ -49,7 +49,10 @@ def test_demo_arguments_and_presets(tmp_path, capsys):
                          (["--det-iters", "0", "--seg-batch", "0"],
                           "--det-iters, --seg-batch must be >= 1"),
                          (["--preset", "smoke", "--pretrain-batch", "999"],
-                          "--pretrain-batch 999 exceeds --num-pool 16")):
+                          "--pretrain-batch 999 exceeds --num-pool 16"),
+                         (["--image-size", "64"], "--init shipped needs --image-size 128 (the "
+                          "shipped pretraining's size); use --init live for other sizes"),
+                         (["--num-probe", "-1"], "--num-probe must be >= 0")):
         with pytest.raises(SystemExit) as e:
             demo.parse_args(bad + ["--device", "cpu"], REPO)
         assert e.value.code == 2

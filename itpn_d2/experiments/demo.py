@@ -26,17 +26,20 @@ Imports no detectron2 (the figures import it when they draw).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 from ..data.images import IGNORE_LABEL
 from ..data.toy import TOY_IMAGE_SIZE
+from ..zoo import ZOO_PREFIX, zoo_path
 from .figures import draw_top_detections, montage, plot_loss_curve, upscale
 from .stages import (Experiment, Stage, StageError, d2_eval_progress, d2_overrides,
                      d2_train_progress, eval_metrics, format_duration, pretrain_progress,
@@ -45,21 +48,23 @@ from .stages import (Experiment, Stage, StageError, d2_eval_progress, d2_overrid
 DET_CONFIG = "configs/toy/mask_rcnn_itpn_nano.py"
 SEG_CONFIG = "configs/toy/upernet_itpn_nano.py"
 MODEL = "itpn_nano"
+SHIPPED = "itpn_nano_toy_integral"  # the shipped checkpoint fine-tuning starts from (--init)
 DET_RESULTS = "inference/coco_instances_results.json"  # under the detection stage's folder
 
 # Settings of each preset; command-line flags override single values.
 PRESETS: Dict[str, Dict[str, object]] = {
     # ~13 minutes on 2 idle CPU cores (measured numbers: README.md).
     "full": dict(
-        num_train=256, num_val=64, num_pool=4096, image_size=TOY_IMAGE_SIZE,
-        pretrain_epochs=3, pretrain_batch=32, pretrain_blr=5e-3, pretrain_warmup=0.3,
-        det_iters=600, det_batch=4, det_lr=2e-3,
-        seg_iters=300, seg_batch=4, seg_lr=3e-3,
+        num_train=256, num_val=64, num_pool=4096, num_probe=768, image_size=TOY_IMAGE_SIZE,
+        init="shipped",
+        pretrain_epochs=1, pretrain_batch=32, pretrain_blr=5e-3, pretrain_warmup=0.3,
+        det_iters=1200, det_batch=4, det_lr=2e-3,
+        seg_iters=2000, seg_batch=4, seg_lr=1e-3,
         vis_images=4,
     ),
     # Every stage in about a minute: checks an installation, not a result.
     "smoke": dict(
-        num_train=16, num_val=4, num_pool=16, image_size=64,
+        num_train=16, num_val=4, num_pool=16, num_probe=0, image_size=64, init="live",
         pretrain_epochs=1, pretrain_batch=8, pretrain_blr=5e-3, pretrain_warmup=0,
         det_iters=4, det_batch=2, det_lr=1e-3,
         seg_iters=4, seg_batch=2, seg_lr=3e-3,
@@ -89,6 +94,8 @@ def get_parser(repo: Path, description: Optional[str] = None) -> argparse.Argume
     g.add_argument("--num-pool", type=int,
                    help="unlabelled images, the pretraining data (as ImageNet is to COCO)")
     g.add_argument("--num-val", type=int, help="validation images (all are evaluated)")
+    g.add_argument("--num-probe", type=int,
+                   help="labelled images held out for itpn-probe (0: none)")
     g.add_argument("--image-size", type=int, help="image side, a multiple of 32")
     g = p.add_argument_group("pretraining (pretrain/main.py, MIM + MFM with the EMA teacher)")
     g.add_argument("--pretrain-epochs", type=int)
@@ -96,6 +103,10 @@ def get_parser(repo: Path, description: Optional[str] = None) -> argparse.Argume
     g.add_argument("--pretrain-blr", type=float, help="--blr (lr = blr x batch / 256)")
     g.add_argument("--pretrain-warmup", type=float, help="--warmup_epochs")
     g = p.add_argument_group("fine-tuning (tools/lazyconfig_train_net.py)")
+    g.add_argument("--init", choices=("shipped", "live"),
+                   help=f"start of fine-tuning: 'shipped', the integral pretraining shipped with "
+                        f"the package ({ZOO_PREFIX}{SHIPPED}, see README), or 'live', this run's "
+                        f"pretraining (full preset: shipped; at 128 px only)")
     g.add_argument("--det-iters", type=int, help="Mask R-CNN iterations")
     g.add_argument("--det-batch", type=int, help="Mask R-CNN images per iteration")
     g.add_argument("--det-lr", type=float, help="Mask R-CNN AdamW learning rate")
@@ -123,6 +134,11 @@ def parse_args(argv: Optional[Sequence[str]], repo: Path,
         p.error(f"{', '.join(bad)} must be >= 1")
     if args.image_size % 32:
         p.error(f"--image-size must be a multiple of 32, got {args.image_size}")
+    if args.init == "shipped" and args.image_size != TOY_IMAGE_SIZE:
+        p.error(f"--init shipped needs --image-size {TOY_IMAGE_SIZE} (the shipped pretraining's "
+                f"size); use --init live for other sizes")
+    if args.num_probe < 0:
+        p.error("--num-probe must be >= 0")
     if args.pretrain_batch > args.num_pool:
         p.error(f"--pretrain-batch {args.pretrain_batch} exceeds --num-pool {args.num_pool}")
     if args.threads is not None and args.threads < 1:
@@ -189,17 +205,29 @@ class Demo(Experiment):
 
         return self.runner.run(stage, work)
 
-    def untrained(self, pretrain: Stage) -> Stage:
+    def set_init(self, pretrain: Stage) -> None:
+        """Where fine-tuning starts (``--init``): the shipped integral pretraining or this
+        run's; sets ``init_checkpoint`` and ``init_fingerprint`` (part of stage settings)."""
+        if self.args.init == "shipped":
+            path = zoo_path(SHIPPED)
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            self.init_checkpoint = str(path)
+            self.init_fingerprint = {"shipped": SHIPPED, "sha256": digest}
+        else:
+            self.init_checkpoint = str(pretrain.out_dir / "backbone.pth")
+            self.init_fingerprint = pretrain.fingerprint()
+
+    def untrained(self) -> Stage:
         """Zero fine-tuning: pre-trained backbone + pyramid, random RPN/ROI heads."""
         a = self.args
         stage = Stage("untrained", "evaluate the untrained detector (random heads)",
                       self.out / "untrained", dict(config=DET_CONFIG, seed=a.seed,
                                                    device=a.device, code=self.d2_code,
-                                                   pretrain=pretrain.fingerprint()))
+                                                   init=self.init_fingerprint))
 
         def work(stage: Stage) -> Dict:
             overrides = {**self.d2_common(stage, 1), **self.size_overrides("det"),
-                         "train.init_checkpoint": str(pretrain.out_dir / "backbone.pth")}
+                         "train.init_checkpoint": self.init_checkpoint}
             cmd = [python(), self.runner.script("tools/lazyconfig_train_net.py"), "--config-file",
                    DET_CONFIG, "--eval-only", *d2_overrides(overrides)]
             self.runner.command(stage, cmd, d2_eval_progress(a.num_val))
@@ -207,65 +235,63 @@ class Demo(Experiment):
 
         return self.runner.run(stage, work)
 
-    def finetune_settings(self, config: str, iters: int, batch: int, lr: float,
-                          pretrain: Stage) -> Dict[str, object]:
+    def finetune_settings(self, config: str, iters: int, batch: int, lr: float
+                          ) -> Dict[str, object]:
         a = self.args
         return dict(config=config, iters=iters, batch=batch, lr=lr, seed=a.seed, device=a.device,
-                    code=self.d2_code, pretrain=pretrain.fingerprint())
+                    code=self.d2_code, init=self.init_fingerprint)
 
     def finetune(self, stage: Stage, config: str, iters: int, batch: int, lr: float, size: str,
-                 pretrain: Stage, extra: Optional[Dict[str, object]] = None) -> None:
-        """Fine-tune ``config`` from the exported pretraining checkpoint."""
+                 extra: Optional[Dict[str, object]] = None, progress: bool = True) -> None:
+        """Fine-tune ``config`` from the initial checkpoint, on one thread: detection and
+        segmentation run side by side (see :meth:`Runner.run_parallel`)."""
         overrides = {**self.d2_common(stage, iters), **self.size_overrides(size),
-                     "train.init_checkpoint": str(pretrain.out_dir / "backbone.pth"),
+                     "train.init_checkpoint": self.init_checkpoint,
                      "dataloader.train.total_batch_size": batch, "optimizer.lr": lr,
                      **(extra or {})}
         cmd = [python(), self.runner.script("tools/lazyconfig_train_net.py"), "--config-file",
                config,
                *d2_overrides(overrides)]
-        self.runner.command(stage, cmd, d2_train_progress(iters))
+        self.runner.command(stage, cmd, d2_train_progress(iters) if progress else None,
+                            env={"OMP_NUM_THREADS": "1"} if self.args.device == "cpu" else None)
 
-    def detection(self, pretrain: Stage) -> Stage:
+    def detection(self) -> Tuple[Stage, Callable[[Stage], Dict]]:
         a = self.args
         stage = Stage("detection", "fine-tune Mask R-CNN + COCO evaluation",
                       self.out / "detection",
-                      self.finetune_settings(DET_CONFIG, a.det_iters, a.det_batch, a.det_lr,
-                                             pretrain),
+                      self.finetune_settings(DET_CONFIG, a.det_iters, a.det_batch, a.det_lr),
                       outputs=["model_final.pth", DET_RESULTS])
 
         def work(stage: Stage) -> Dict:
             # keep the val predictions (coco_instances_results.json) for the figure
             extra = {"dataloader.evaluator.output_dir": str(stage.out_dir / "inference")}
-            self.finetune(stage, DET_CONFIG, a.det_iters, a.det_batch, a.det_lr, "det",
-                          pretrain, extra)
+            self.finetune(stage, DET_CONFIG, a.det_iters, a.det_batch, a.det_lr, "det", extra)
             return self.metrics(stage, ("bbox", "segm"))
 
-        return self.runner.run(stage, work)
+        return stage, work
 
-    def segmentation(self, pretrain: Stage) -> Stage:
+    def segmentation(self) -> Tuple[Stage, Callable[[Stage], Dict]]:
         a = self.args
         stage = Stage("segmentation", "fine-tune UPerNet + mIoU evaluation",
                       self.out / "segmentation",
-                      self.finetune_settings(SEG_CONFIG, a.seg_iters, a.seg_batch, a.seg_lr,
-                                             pretrain),
+                      self.finetune_settings(SEG_CONFIG, a.seg_iters, a.seg_batch, a.seg_lr),
                       outputs=["model_final.pth"])
 
         def work(stage: Stage) -> Dict:
             extra = {}
-            if a.image_size < TOY_IMAGE_SIZE:  # the toy recipe crops 96 px of 128 px images
+            if a.image_size < TOY_IMAGE_SIZE:  # the toy recipe trains on whole 128 px images
                 # (64 px at least: p6 is p5 pooled, stride 64)
-                crop = max(64, a.image_size * 3 // 4 // 32 * 32)
-                extra["dataloader.train.mapper.augmentations.crop_size"] = crop
+                extra["dataloader.train.mapper.augmentations.crop_size"] = max(64, a.image_size)
                 extra["dataloader.train.mapper.augmentations.short_edge"] = a.image_size
-            self.finetune(stage, SEG_CONFIG, a.seg_iters, a.seg_batch, a.seg_lr, "seg",
-                          pretrain, extra)
+            self.finetune(stage, SEG_CONFIG, a.seg_iters, a.seg_batch, a.seg_lr, "seg", extra,
+                          progress=False)  # the detection stage beside it shows the bar
             results = self.metrics(stage, ("sem_seg",))
             if not a.dry_run:
                 results["all_background"] = all_background_scores(
                     self.data_root / "sem_seg" / "val")
             return results
 
-        return self.runner.run(stage, work)
+        return stage, work
 
     def figures(self, pretrain: Stage, detection: Stage, segmentation: Stage) -> Stage:
         a = self.args
@@ -295,6 +321,10 @@ class Demo(Experiment):
                 log_name="vis_segmentation")
             if not a.dry_run:
                 upscale(out / "reconstruction.png", min_width=640)
+                if a.init == "shipped":  # made with tools/ship_toy_checkpoint.py
+                    shutil.copyfile(zoo_path(SHIPPED).with_name(f"{SHIPPED}_reconstruction.png"),
+                                    out / "shipped_reconstruction.png")
+                    upscale(out / "shipped_reconstruction.png", min_width=640)
                 paths = draw_top_detections(detection.out_dir / DET_RESULTS, self.data_root,
                                             out / "detection", a.vis_images)
                 montage(paths, out / "detection_predictions.png",
@@ -315,9 +345,10 @@ class Demo(Experiment):
         start = time.perf_counter()
         data = self.toy_data()
         pretrain = self.pretrain(data)
-        untrained = self.untrained(pretrain)
-        detection = self.detection(pretrain)
-        segmentation = self.segmentation(pretrain)
+        self.set_init(pretrain)
+        untrained = self.untrained()
+        detection, segmentation = self.runner.run_parallel([self.detection(),
+                                                            self.segmentation()])
         figures = self.figures(pretrain, detection, segmentation)
         wall = time.perf_counter() - start
         stages = [data, pretrain, untrained, detection, segmentation, figures]
@@ -380,6 +411,17 @@ def _loss(results: Dict, name: str) -> str:
             f"{results.get('final_' + name, nan):.4f}")
 
 
+def _init_text(cfg: Dict) -> str:
+    if cfg.get("init") != "shipped":
+        return "this run's live pretraining (`pretrain/backbone.pth`)"
+    from ..zoo import zoo_info
+
+    info = zoo_info(SHIPPED)
+    return (f"the shipped integral pretraining `{ZOO_PREFIX}{SHIPPED}` ({info['samples_seen']:,} "
+            f"samples seen, {info['epochs_run']} epochs of the pool; provenance in "
+            f"`itpn_d2/weights/{SHIPPED}.json`)")
+
+
 def render_report(s: Dict) -> str:
     st, cfg = s["stages"], s["settings"]
     pre = st["pretrain"]["results"]
@@ -403,6 +445,8 @@ def render_report(s: Dict) -> str:
         "",
         "## Results (toy val split)",
         "",
+        f"Fine-tuning starts from {_init_text(cfg)}.",
+        "",
         "| model | box AP | box AP50 | mask AP | mask AP50 | mIoU | pixel acc |",
         "| --- | --- | --- | --- | --- | --- | --- |",
         f"| Mask R-CNN, untrained (pre-trained backbone + pyramid, random heads, 0 iterations) "
@@ -416,8 +460,9 @@ def render_report(s: Dict) -> str:
         f"| reference: \"background everywhere\" (computed from the val labels) | | | | "
         f"| {_fmt(seg0.get('mIoU'))} | {_fmt(seg0.get('pACC'))} |",
         "",
-        f"Pretraining ({pre.get('epochs')} epochs, MIM + MFM with the EMA teacher): loss "
-        f"{_loss(pre, 'loss')} (MIM {_loss(pre, 'mim')}, MFM {_loss(pre, 'mfm')}).",
+        f"Live pretraining ({pre.get('epochs')} epochs of the pool, MIM + MFM with the EMA "
+        f"teacher): loss {_loss(pre, 'loss')} (MIM {_loss(pre, 'mim')}, MFM "
+        f"{_loss(pre, 'mfm')}).",
         "",
         "AP and mIoU are on Detectron2's 0-100 scale (COCO evaluation of the toy val split). "
         "The untrained baseline is the same detector evaluated before any fine-tuning; "
@@ -435,10 +480,17 @@ def render_report(s: Dict) -> str:
         "",
         "![pretraining loss](figures/pretrain_loss.png)",
         "",
-        "Reconstructions of val images (columns: original, masked input, reconstruction):",
+        "Reconstructions of val images by the live pretraining (columns: original, masked "
+        "input, reconstruction):",
         "",
         "![reconstruction](figures/reconstruction.png)",
         "",
+    ]
+    if cfg.get("init") == "shipped":
+        lines += ["The same by the shipped pretraining that fine-tuning starts from:", "",
+                  "![shipped reconstruction](figures/shipped_reconstruction.png)", ""]
+    lines += [
+
         "Detection (Mask R-CNN) on val images: ground truth, then the k highest-scoring "
         "detections (k = objects in the image) with their scores:",
         "",
