@@ -57,7 +57,7 @@ PRESETS: Dict[str, Dict[str, object]] = {
     "full": dict(
         num_train=256, num_val=64, num_pool=4096, num_probe=768, image_size=TOY_IMAGE_SIZE,
         init="shipped",
-        pretrain_epochs=1, pretrain_batch=32, pretrain_blr=5e-3, pretrain_warmup=0.3,
+        pretrain_epochs=2, pretrain_batch=32, pretrain_blr=5e-3, pretrain_warmup=0.3,
         det_iters=1200, det_batch=4, det_lr=2e-3,
         seg_iters=2000, seg_batch=4, seg_lr=1e-3,
         vis_images=4,
