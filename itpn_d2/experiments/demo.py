@@ -58,7 +58,7 @@ PRESETS: Dict[str, Dict[str, object]] = {
         num_train=256, num_val=64, num_pool=4096, num_probe=768, image_size=TOY_IMAGE_SIZE,
         init="shipped",
         pretrain_epochs=2, pretrain_batch=32, pretrain_blr=5e-3, pretrain_warmup=0.3,
-        det_iters=1200, det_batch=4, det_lr=2e-3,
+        det_iters=1200, det_batch=4, det_lr=2e-3, det_score_thresh=0.05,
         seg_iters=2000, seg_batch=4, seg_lr=1e-3,
         vis_images=4,
     ),
@@ -66,7 +66,9 @@ PRESETS: Dict[str, Dict[str, object]] = {
     "smoke": dict(
         num_train=16, num_val=4, num_pool=16, num_probe=0, image_size=64, init="live",
         pretrain_epochs=1, pretrain_batch=8, pretrain_blr=5e-3, pretrain_warmup=0,
-        det_iters=4, det_batch=2, det_lr=1e-3,
+        # a 4-iteration detector may score every box below 0.05: keep them all, so that the
+        # COCO evaluation has predictions to score
+        det_iters=4, det_batch=2, det_lr=1e-3, det_score_thresh=0.0,
         seg_iters=4, seg_batch=2, seg_lr=3e-3,
         vis_images=2,
     ),
@@ -110,6 +112,8 @@ def get_parser(repo: Path, description: Optional[str] = None) -> argparse.Argume
     g.add_argument("--det-iters", type=int, help="Mask R-CNN iterations")
     g.add_argument("--det-batch", type=int, help="Mask R-CNN images per iteration")
     g.add_argument("--det-lr", type=float, help="Mask R-CNN AdamW learning rate")
+    g.add_argument("--det-score-thresh", type=float,
+                   help="Mask R-CNN's test score threshold (the recipe's: 0.05)")
     g.add_argument("--seg-iters", type=int, help="UPerNet iterations")
     g.add_argument("--seg-batch", type=int, help="UPerNet images per iteration")
     g.add_argument("--seg-lr", type=float, help="UPerNet AdamW learning rate")
@@ -172,6 +176,9 @@ class Demo(Experiment):
             "train.log_period": max(1, min(10, max_iter // 10)),
         }
 
+    def score_thresh_override(self) -> Dict[str, object]:
+        return {"model.roi_heads.box_predictor.test_score_thresh": self.args.det_score_thresh}
+
     def size_overrides(self, kind: str) -> Dict[str, object]:
         return toy_size_overrides(kind, self.args.image_size)
 
@@ -222,11 +229,13 @@ class Demo(Experiment):
         a = self.args
         stage = Stage("untrained", "evaluate the untrained detector (random heads)",
                       self.out / "untrained", dict(config=DET_CONFIG, seed=a.seed,
+                                                   score_thresh=a.det_score_thresh,
                                                    device=a.device, code=self.d2_code,
                                                    init=self.init_fingerprint))
 
         def work(stage: Stage) -> Dict:
             overrides = {**self.d2_common(stage, 1), **self.size_overrides("det"),
+                         **self.score_thresh_override(),
                          "train.init_checkpoint": self.init_checkpoint}
             cmd = [python(), self.runner.script("tools/lazyconfig_train_net.py"), "--config-file",
                    DET_CONFIG, "--eval-only", *d2_overrides(overrides)]
@@ -259,12 +268,14 @@ class Demo(Experiment):
         a = self.args
         stage = Stage("detection", "fine-tune Mask R-CNN + COCO evaluation",
                       self.out / "detection",
-                      self.finetune_settings(DET_CONFIG, a.det_iters, a.det_batch, a.det_lr),
+                      {**self.finetune_settings(DET_CONFIG, a.det_iters, a.det_batch, a.det_lr),
+                       "score_thresh": a.det_score_thresh},
                       outputs=["model_final.pth", DET_RESULTS])
 
         def work(stage: Stage) -> Dict:
             # keep the val predictions (coco_instances_results.json) for the figure
-            extra = {"dataloader.evaluator.output_dir": str(stage.out_dir / "inference")}
+            extra = {"dataloader.evaluator.output_dir": str(stage.out_dir / "inference"),
+                     **self.score_thresh_override()}
             self.finetune(stage, DET_CONFIG, a.det_iters, a.det_batch, a.det_lr, "det", extra)
             return self.metrics(stage, ("bbox", "segm"))
 
