@@ -92,7 +92,7 @@ def test_d2_training_iteration_against_vitdet(bench):
       "trian.max_iter=1"], "did you mean train.max_iter?"),
 ])
 def test_bad_settings_give_one_error(bench, capsys, argv, message):
-    assert bench.cli(argv) == 1
+    assert bench.cli(argv) == 2  # a user error, as in every other tool
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err
 

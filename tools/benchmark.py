@@ -47,7 +47,7 @@ if __name__ == "__main__":
 
 from itpn_d2.benchmark import (BenchmarkError, format_table, get_parser,  # noqa: E402,F401
                                resolve)
-from itpn_d2.errors import UserError  # noqa: E402
+from itpn_d2.errors import EXIT_USER_ERROR, UserError  # noqa: E402
 
 
 def run(args, device) -> List[Any]:
@@ -89,7 +89,7 @@ def cli(argv: Optional[List[str]] = None) -> int:
         main(argv)
     except (BenchmarkError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_USER_ERROR
     return 0
 
 
