@@ -36,6 +36,9 @@ def export_backbone(src: str, dst: str) -> Dict[str, Any]:
         src: a checkpoint with model metadata (``pretrain/main.py``, or an export or conversion).
         dst: the output file (not a folder).
     """
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        raise UserError(f"output {dst} is the input checkpoint; exporting over it would replace "
+                        f"the training checkpoint with its backbone: give another file name")
     ckpt = load_checkpoint(src)
     meta = metadata_of(ckpt)
     if meta is None:

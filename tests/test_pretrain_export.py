@@ -52,6 +52,11 @@ def test_export_backbone_errors(run, tmp_path):
         export_backbone(str(bare), str(tmp_path / "out.pth"))
     with pytest.raises(UserError, match=f"^output {tmp_path} is a folder; give a file name"):
         export_backbone(str(ckpt), str(tmp_path))
+    before = ckpt.read_bytes()
+    with pytest.raises(UserError, match=f"^output {ckpt} is the input checkpoint; .* give another "
+                                        f"file name$"):
+        export_backbone(str(ckpt), str(ckpt))
+    assert ckpt.read_bytes() == before
 
 
 def test_load_pretrain_model_loads_encoder_and_decoder_only(run, tmp_path):
