@@ -852,11 +852,14 @@ def save_training_state(trainer: Trainer, epoch: int, iter_in_epoch: int, step: 
 
 
 def _checkpoint_names(config: PretrainConfig, epoch: int, stop: bool) -> List[str]:
+    """The files to write after ``epoch``, in order: a kept snapshot before ``LAST``, so that a
+    kill between the two leaves ``LAST`` at the epoch before, whose resume writes the snapshot
+    again (the other order would resume past a snapshot never written)."""
     names = []
-    if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs or stop:
-        names.append(LAST)
     if config.keep_every and (epoch + 1) % config.keep_every == 0:
         names.append(f"checkpoint-{epoch}.pth")
+    if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs or stop:
+        names.append(LAST)
     return names
 
 

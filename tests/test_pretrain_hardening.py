@@ -251,6 +251,38 @@ def test_stale_temporaries_lock_and_log_without_duplicates(images, tmp_path, cap
             == [{k: v for k, v in e.items() if k not in drop} for e in logs[1]])
 
 
+def test_a_kill_between_the_saves_of_an_epoch_loses_no_kept_snapshot(images, tmp_path,
+                                                                     monkeypatch):
+    """With --keep_every 1 an epoch writes two files; a kill after the first must not leave a
+    checkpoint-last.pth that resumes past a snapshot never written."""
+    import pretrain.engine as engine
+
+    class Killed(BaseException):  # not an Exception: nothing in the loop may catch it
+        pass
+
+    save, written = engine.save_checkpoint, []
+
+    def save_then_die(obj, path):
+        if len(written) == 3:  # the second file of the second epoch
+            raise Killed
+        written.append(path.name)
+        save(obj, path)
+
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
+    argv = _argv(images, tmp_path, "--epochs", "3", "--keep_every", "1", "--auto_resume")
+    with pytest.raises(Killed):
+        main(argv)
+    assert written == ["checkpoint-0.pth", "checkpoint-last.pth", "checkpoint-1.pth"]
+    last, kept = (load_checkpoint(tmp_path / n) for n in ("checkpoint-last.pth",
+                                                           "checkpoint-0.pth"))
+    assert last["step"] == kept["step"] == 4  # epoch 0's state
+    monkeypatch.setattr(engine, "save_checkpoint", save)
+    main(argv)  # resumes after epoch 0
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pth")) == [
+        "checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-2.pth", "checkpoint-last.pth"]
+    assert load_checkpoint(tmp_path / "checkpoint-1.pth")["step"] == 8
+
+
 # --------------------------------------------------------------------------- kill -9 in saves
 
 
