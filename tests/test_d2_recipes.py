@@ -51,6 +51,10 @@ def test_toy_recipes_are_the_full_recipes_on_the_toy_data():
         assert [h.conv_norm for h in box_heads] == ["GN"] * len(box_heads), name
         assert heads.mask_head.conv_norm == "GN"
         assert (heads.batch_size_per_image, heads.positive_fraction) == (32, 0.5)
+        assert list(toy.model.proposal_generator.pre_nms_topk) == [1000, 1000]
+        # LR steps at 90% / 97% of the schedule (the full recipe's are at 75% / 92%)
+        steps = toy.lr_multiplier.scheduler.milestones
+        assert [m / toy.train.max_iter for m in steps] == [0.9, 0.97, 1.0]
 
 
 @pytest.mark.parametrize("name", TOY_DETECTION)
