@@ -55,10 +55,10 @@ DET_RESULTS = "inference/coco_instances_results.json"  # under the detection sta
 PRESETS: Dict[str, Dict[str, object]] = {
     # ~13.5 minutes on 2 idle CPU cores (measured numbers: README.md).
     "full": dict(
-        num_train=256, num_val=64, num_pool=4096, num_probe=768, image_size=TOY_IMAGE_SIZE,
+        num_train=256, num_val=64, num_pool=1024, num_probe=768, image_size=TOY_IMAGE_SIZE,
         init="shipped",
-        pretrain_epochs=2, pretrain_batch=32, pretrain_blr=5e-3, pretrain_warmup=0.3,
-        det_iters=1200, det_batch=4, det_lr=2e-3, det_score_thresh=0.05,
+        pretrain_epochs=3, pretrain_batch=32, pretrain_blr=5e-3, pretrain_warmup=0.3,
+        det_iters=1800, det_batch=4, det_lr=2e-3, det_score_thresh=0.05,
         seg_iters=2000, seg_batch=4, seg_lr=1e-3,
         vis_images=4,
     ),
