@@ -13,6 +13,7 @@ from itpn_d2.data.toy import make_toy_dataset
 from itpn_d2.zoo import ZOO_PREFIX, ZooError, zoo_info, zoo_names, zoo_path
 
 SHIPPED = "itpn_nano_toy_integral"
+CONVENTIONAL = "itpn_nano_toy_conventional"  # its counterpart: --pyramid off --mfm none
 
 
 def test_names_paths_and_provenance():
@@ -24,12 +25,20 @@ def test_names_paths_and_provenance():
         info["command"]
     ckpt = load_checkpoint(zoo_path(SHIPPED))
     assert ckpt["model_name"] == "itpn_nano" and ckpt["model_overrides"]["img_size"] == 128
+    # the counterpart: the same setting and budget, without the pyramid and MFM
+    conv = zoo_info(CONVENTIONAL)
+    assert (conv["settings"]["pyramid"], conv["settings"]["mfm"]) == ("off", "none")
+    other = ("pyramid", "mfm")
+    assert {k: v for k, v in conv["settings"].items() if k not in other} \
+        == {k: v for k, v in info["settings"].items() if k not in other}
+    assert conv["samples_seen"] == info["samples_seen"]
     with pytest.raises(ZooError, match=f"^no shipped checkpoint named 'nope'; available: .*"
                                        f"{SHIPPED}"):
         zoo_path("nope")
 
 
-def test_stock_detection_checkpointer_loads_it_into_the_toy_mask_rcnn():
+@pytest.mark.parametrize("name", [SHIPPED, CONVENTIONAL])
+def test_stock_detection_checkpointer_loads_it_into_the_toy_mask_rcnn(name):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import LazyConfig, instantiate
 
@@ -37,28 +46,33 @@ def test_stock_detection_checkpointer_loads_it_into_the_toy_mask_rcnn():
 
     cfg = LazyConfig.load("configs/toy/mask_rcnn_itpn_nano.py")
     model = instantiate(cfg.model)
-    DetectionCheckpointer(model).load(ZOO_PREFIX + SHIPPED)
-    shipped = load_checkpoint(zoo_path(SHIPPED))["model"]
+    DetectionCheckpointer(model).load(ZOO_PREFIX + name)
+    shipped = load_checkpoint(zoo_path(name))["model"]
     net = model.backbone.net.state_dict()
-    assert net.keys() == shipped.keys()  # backbone and pyramid: every key filled
+    if name == SHIPPED:
+        assert net.keys() == shipped.keys()  # backbone and pyramid: every key filled
+    else:  # the backbone only: the pyramid stays random, as in the study's conventional arm
+        assert shipped.keys() == {k for k in net if k.startswith("backbone.")}
+        assert {k.split(".")[0] for k in net.keys() - shipped.keys()} == {"pyramid"}
     assert all(torch.equal(net[k], v) for k, v in shipped.items())
 
 
-def test_object_probe_numbers_reproduce(tmp_path):
+@pytest.mark.parametrize("name", [SHIPPED, CONVENTIONAL])
+def test_object_probe_numbers_reproduce(name, tmp_path):
     """The best level's object accuracy, as recorded at shipping, within its 95% interval
     (the probe is deterministic; the interval allows for float differences between CPUs)."""
     from itpn_d2.probe import main
 
-    info = zoo_info(SHIPPED)
+    info = zoo_info(name)
     rows = info["probe"]["object"]
     best = max((k for k in rows if k.startswith("checkpoint/")), key=lambda k: rows[k]["accuracy"])
     source = best.split("/")[1]
     root = tmp_path / "toy"
     make_toy_dataset(root, num_train=256, num_val=1, num_probe=768)
-    report = main([str(zoo_path(SHIPPED)), "--toy-root", str(root), "--protocols", "object",
+    report = main([str(zoo_path(name)), "--toy-root", str(root), "--protocols", "object",
                    "--sources", source, "--output", str(tmp_path / "probe"), "--no-progress"])
     row = next(r for r in report["protocols"]["object"]["rows"] if r["model"] == "checkpoint")
     low, high = rows[best]["ci95"]
     assert low <= row["accuracy"] <= high
     assert json.loads((tmp_path / "probe" / "probe.json").read_text())["checkpoint"] \
-        == str(zoo_path(SHIPPED))
+        == str(zoo_path(name))
