@@ -232,6 +232,26 @@ def test_frozen_backbone_trains_only_the_pyramid():
     assert not any(m.training for m in bb.modules())
 
 
+def test_frozen_backbone_and_pyramid_leave_only_the_heads_to_train():
+    """freeze_pyramid=True with freeze_backbone=True: no backbone parameter reaches the
+    optimizer, everything stays in eval mode under ``train()``, and the outputs carry no graph."""
+    from detectron2.solver import get_default_optimizer_params
+
+    bb = ITPNBackbone(build_itpn("itpn_nano", drop_path_rate=0.1), freeze_backbone=True,
+                      freeze_pyramid=True)
+    bb.train()
+    assert not any(m.training for part in (bb.net.backbone, bb.net.pyramid) for m in part.modules())
+    assert get_default_optimizer_params(bb) == []
+    assert not any(o.requires_grad for o in bb(torch.randn(1, 3, 64, 64)).values())
+    pyramid_only = ITPNBackbone(build_itpn("itpn_nano"), freeze_pyramid=True)
+    assert all(p.requires_grad for p in pyramid_only.net.backbone.parameters())
+    assert not any(p.requires_grad for p in pyramid_only.net.pyramid.parameters())
+    with pytest.raises(ValueError, match="^freeze_pyramid=True but net was built with "
+                                         "pyramid=False: there is no pyramid to freeze$"):
+        ITPNBackbone(build_itpn("itpn_nano", pyramid=False), out_features=["c4"],
+                     freeze_pyramid=True)
+
+
 def test_freeze_backbone_is_an_accepted_override():
     from itpn_d2.d2.config import load_config
 

@@ -179,6 +179,28 @@ def test_cli_writes_requested_sizes(tmp_path):
     assert len(list((tmp_path / "images" / "val").glob("*.png"))) == 2
 
 
+def test_label_scarce_subsets_are_the_first_train_images(tmp_path):
+    pytest.importorskip("detectron2")
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    root = tmp_path / "toy"
+    make_toy_dataset(root, num_train=40, num_val=1, image_size=64, seed=1)
+    register_toy_datasets(root)
+    train = DatasetCatalog.get("itpn_toy_train")
+    subset = DatasetCatalog.get("itpn_toy_train_32")
+    assert [r["file_name"] for r in subset] == sorted(r["file_name"] for r in train)[:32]
+    assert subset == sorted(train, key=lambda r: r["file_name"])[:32]
+    sem_seg = DatasetCatalog.get("itpn_toy_sem_seg_train_32")
+    assert [r["file_name"] for r in sem_seg] == [r["file_name"] for r in subset]
+    assert MetadataCatalog.get("itpn_toy_train_32").thing_classes == toy_class_names()
+    # an evaluator of the subset must not read the whole split's json
+    assert not hasattr(MetadataCatalog.get("itpn_toy_train_32"), "json_file")
+    with pytest.raises(ValueError, match=rf"^toy dataset {root} has 40 train images, fewer than "
+                                         rf"the 64 of itpn_toy_train_64; make it with "
+                                         rf"`itpn-make-toy {root} --num-train 64`$"):
+        DatasetCatalog.get("itpn_toy_train_64")
+
+
 def test_register_toy_datasets(toy_root):
     pytest.importorskip("detectron2")
     from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
@@ -192,6 +214,7 @@ def test_register_toy_datasets(toy_root):
         "itpn_toy_sem_seg_val",
         "itpn_toy_probe",
         "itpn_toy_sem_seg_probe",
+        *(f"itpn_toy{kind}_train_{n}" for kind in ("", "_sem_seg") for n in (32, 64, 128)),
     }
     with pytest.raises(FileNotFoundError, match=f"^toy dataset {toy_root} has no probe split; "
                                                 f"make it with `itpn-make-toy {toy_root} "

@@ -42,7 +42,8 @@ def _no_go_runs():
 def _settings():
     return {"config_file": study.TOY_CONFIG, "iters": 150, "batch": 4, "lr": 1e-3,
             "seeds": [0, 1, 2], "evals": 3, "model": "itpn_nano", "pretrain_epochs": 12,
-            "pretrain_batch": 32}
+            "pretrain_batch": 32, "protocols": ["full", "frozen"],
+            "iters_of": {"full": 150, "frozen": 100, "heads": 150, "scarce": 150}}
 
 
 def test_summary_statistics_and_paired_differences():
@@ -114,6 +115,7 @@ def test_markdown_table_verdicts_and_plot(tmp_path):
     md = study.render_markdown(s)
     full, frozen = md.split("## frozen backbone")
     assert "## full fine-tuning (`full`)" in full
+    assert "150 iterations (frozen: 100) at batch 4" in full
     assert "| integral (backbone + pyramid, MIM + MFM) | 3 | 12.0 ± 2.0 (7.0, 17.0)" in full
     assert "| integral - scratch | box AP | +6.0 (+3.5, +8.5) | +6.0, +7.0, +5.0 |" in full
     assert "**Verdict: go: integral beat(s) scratch" in full
@@ -136,7 +138,14 @@ def test_arguments_are_checked(tmp_path, capsys):
     for bad, message in (
             (["--seeds", "0", "0"], "--seeds must be distinct, got [0, 0]"),
             (["--iters", "0"], "--iters must be >= 1"),
-            (["--iters", "4", "--evals", "5"], "--evals 5 is more than --iters 4"),
+            (["--iters", "4", "--evals", "5"],
+             "--evals 5 is more than the 4 iterations of protocol full"),
+            (["--protocol-iters", "frozen=2", "--evals", "3"],
+             "--evals 3 is more than the 2 iterations of protocol frozen"),
+            (["--protocol-iters", "heads:5"], "--protocol-iters takes PROTOCOL=N with PROTOCOL "
+             "one of ['full', 'frozen', 'heads', 'scarce'] and N >= 1, got 'heads:5'"),
+            (["--protocol-iters", "nope=5"], "--protocol-iters takes PROTOCOL=N with PROTOCOL "
+             "one of ['full', 'frozen', 'heads', 'scarce'] and N >= 1, got 'nope=5'"),
             (["--num-pool", "-1"], "--num-pool must be >= 0"),
             (["--protocols", "full", "full"], "--protocols must be distinct, got ['full', 'full']"),
             (["--image-size", "100"], "--image-size must be a multiple of 32, got 100"),

@@ -8,10 +8,11 @@ detector. Every neck weight therefore comes from pre-training; only the task hea
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import Backbone
@@ -59,11 +60,14 @@ class ITPNBackbone(Backbone):
             ``requires_grad=False`` (Detectron2's optimizer skips them) and it stays in eval
             mode (no drop path); the pyramid and the heads train (a linear-probe-like
             protocol for comparing pre-trained backbones).
+        freeze_pyramid: likewise for the pyramid (``net.pyramid``). With ``freeze_backbone``
+            only the detector's heads train: the protocol that asks whether a pyramid can
+            serve a frozen backbone as it is (pre-trained with it, or random).
     """
 
     def __init__(self, net: ITPN, out_features: Sequence[str] = DEFAULT_OUT_FEATURES,
                  size_divisibility: int = 32, square_pad: int = 0,
-                 freeze_backbone: bool = False):
+                 freeze_backbone: bool = False, freeze_pyramid: bool = False):
         super().__init__()
         if not isinstance(net, ITPN):
             raise TypeError(f"net must be an itpn_d2.modeling.ITPN, got {type(net).__name__}")
@@ -75,6 +79,9 @@ class ITPNBackbone(Backbone):
         if net.pyramid is None and any(f in PYRAMID_STRIDES for f in out_features):
             raise ValueError("net was built with pyramid=False but out_features asks for "
                              "pyramid levels (p2-p6); build it with pyramid=True")
+        if freeze_pyramid and net.pyramid is None:
+            raise ValueError("freeze_pyramid=True but net was built with pyramid=False: there is "
+                             "no pyramid to freeze")
         if size_divisibility % PATCH_SIZE:
             raise ValueError(f"size_divisibility must be a multiple of {PATCH_SIZE} (the token "
                              f"size), got {size_divisibility}")
@@ -89,14 +96,19 @@ class ITPNBackbone(Backbone):
         self._out_feature_strides = {f: shapes[f].stride for f in out_features}
         self._out_feature_channels = {f: shapes[f].channels for f in out_features}
         self.freeze_backbone = freeze_backbone
-        if freeze_backbone:
-            self.net.backbone.requires_grad_(False)
-            self.net.backbone.eval()
+        self.freeze_pyramid = freeze_pyramid
+        for part in self._frozen_parts():
+            part.requires_grad_(False)
+            part.eval()
+
+    def _frozen_parts(self) -> List[nn.Module]:
+        return ([self.net.backbone] if self.freeze_backbone else []) + \
+            ([self.net.pyramid] if self.freeze_pyramid else [])
 
     def train(self, mode: bool = True) -> "ITPNBackbone":
         super().train(mode)
-        if self.freeze_backbone:  # the trainer calls model.train(): keep the frozen part fixed
-            self.net.backbone.eval()
+        for part in self._frozen_parts():  # the trainer calls model.train(): keep them fixed
+            part.eval()
         return self
 
     @property

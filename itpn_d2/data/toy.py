@@ -66,6 +66,9 @@ SPLITS = ("train", "val")  # labelled, always made
 # Labelled like val, optional (``num_probe``): a held-out set large enough for linear probes to
 # give tight intervals (itpn-probe), kept apart so that the demo's val evaluation stays quick.
 PROBE_SPLIT = "probe"
+# Label-scarce training sets: itpn_toy_train_<n> (and itpn_toy_sem_seg_train_<n>) are the first
+# n images of the train split (the generator draws images independently, so any n are a sample).
+TRAIN_SUBSETS = (32, 64, 128)
 POOL_SPLIT = "pool"  # unlabelled, for pretraining
 # Upright pose of each shape (radians): squares axis-aligned, triangles and stars point up.
 UPRIGHT = {"circle": 0.0, "square": math.pi / 4, "triangle": -math.pi / 2, "star": -math.pi / 2,
@@ -428,13 +431,25 @@ def _load_split(paths: Dict, split: str, kind: str) -> List[Dict]:
     return load_sem_seg(p["sem_seg_root"], p["image_root"], gt_ext="png", image_ext="png")
 
 
+def _load_train_subset(paths: Dict, kind: str, count: int) -> List[Dict]:
+    """The first ``count`` dataset dicts of the train split (by image id)."""
+    dicts = sorted(_load_split(paths, "train", kind), key=lambda d: d["file_name"])
+    if len(dicts) < count:
+        raise ValueError(f"toy dataset {paths['root']} has {len(dicts)} train images, fewer "
+                         f"than the {count} of itpn_toy_train_{count}; make it with "
+                         f"`{MAKE_COMMAND} {paths['root']} --num-train {count}`")
+    return dicts[:count]
+
+
 def register_toy_datasets(root: Optional[PathLike] = None, lazy: bool = False) -> List[str]:
     """Register the toy dataset under ``root`` with Detectron2; return the dataset names.
 
     ``itpn_toy_{train,val}`` are COCO instance datasets (evaluator "coco"),
     ``itpn_toy_sem_seg_{train,val}`` semantic segmentation ones (evaluator "sem_seg",
     ``stuff_classes`` = background + shapes, ``ignore_label`` = 255); ``itpn_toy_probe`` and
-    ``itpn_toy_sem_seg_probe`` likewise when the probe split was made (``lazy``: always).
+    ``itpn_toy_sem_seg_probe`` likewise when the probe split was made (``lazy``: always);
+    ``itpn_toy_train_<n>`` and ``itpn_toy_sem_seg_train_<n>`` for each n of
+    :data:`TRAIN_SUBSETS`, the first n train images (label-scarce fine-tuning).
 
     Args:
         root: the dataset folder; ``None`` means :func:`default_toy_root`.
@@ -478,6 +493,26 @@ def register_toy_datasets(root: Optional[PathLike] = None, lazy: bool = False) -
             image_root=split_paths["image_root"],
             sem_seg_root=split_paths["sem_seg_root"],
         )
+    train = {key: str(path) for key, path in paths["train"].items()}
+    for count in TRAIN_SUBSETS:
+        instances_name = f"itpn_toy_train_{count}"
+        sem_seg_name = f"itpn_toy_sem_seg_train_{count}"
+        names += [instances_name, sem_seg_name]
+        if lazy and {instances_name, sem_seg_name} <= set(DatasetCatalog.list()):
+            continue
+        _unregister(instances_name)
+        _unregister(sem_seg_name)
+        # no json_file: an evaluator of a subset converts its dicts, not the whole split's file
+        DatasetCatalog.register(instances_name,
+                                partial(_load_train_subset, paths, "instances", count))
+        MetadataCatalog.get(instances_name).set(
+            thing_classes=toy_class_names(), image_root=train["image_root"],
+            evaluator_type="coco")
+        DatasetCatalog.register(sem_seg_name, partial(_load_train_subset, paths, "sem_seg", count))
+        MetadataCatalog.get(sem_seg_name).set(
+            stuff_classes=["background", *CLASS_NAMES], ignore_label=IGNORE_LABEL,
+            evaluator_type="sem_seg", image_root=train["image_root"],
+            sem_seg_root=train["sem_seg_root"])
     return names
 
 

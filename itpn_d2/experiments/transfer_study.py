@@ -38,14 +38,19 @@ ARM_LABELS = {
     "mim_only": "integral, MIM only (no MFM)",
 }
 TOY_CONFIG = "configs/toy/mask_rcnn_itpn_nano.py"
-# Fine-tuning protocols: the recipe's overrides of each.
+# Fine-tuning protocols: the recipe's overrides of each ("scarce" also trains on
+# --scarce-dataset).
 PROTOCOLS = {
     "full": {},
     "frozen": {"model.backbone.freeze_backbone": True},
+    "heads": {"model.backbone.freeze_backbone": True, "model.backbone.freeze_pyramid": True},
+    "scarce": {},
 }
 PROTOCOL_LABELS = {
     "full": "full fine-tuning",
     "frozen": "frozen backbone (pyramid and heads train)",
+    "heads": "frozen backbone and pyramid (only the heads train)",
+    "scarce": "full fine-tuning on few labelled images",
 }
 NO_GO = "no-go: pre-training does not beat scratch at this budget (interval includes 0)"
 
@@ -59,9 +64,12 @@ def get_parser(repo: Path, description: Optional[str] = None) -> argparse.Argume
                    default=["integral", "conventional", "scratch"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
                    help="fine-tuning seeds (at least 2 for a spread and a verdict)")
-    p.add_argument("--protocols", nargs="+", choices=list(PROTOCOLS), default=list(PROTOCOLS),
+    p.add_argument("--protocols", nargs="+", choices=list(PROTOCOLS), default=["full", "frozen"],
                    help="full: everything trains; frozen: the HiViT backbone stays fixed "
-                        "(model.backbone.freeze_backbone=True), pyramid and heads train")
+                        "(model.backbone.freeze_backbone=True), pyramid and heads train; "
+                        "heads: backbone and pyramid stay fixed (also "
+                        "model.backbone.freeze_pyramid=True), only the heads train; scarce: "
+                        "full fine-tuning on --scarce-dataset")
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -101,7 +109,13 @@ def get_parser(repo: Path, description: Optional[str] = None) -> argparse.Argume
     g.add_argument("--config-file", default=TOY_CONFIG, help="detection LazyConfig recipe")
     g.add_argument("--train-dataset", default=None, help="dataloader.train.dataset.names")
     g.add_argument("--test-dataset", default=None, help="dataloader.test.dataset.names")
+    g.add_argument("--scarce-dataset", default="itpn_toy_train_64",
+                   help="the training set of the scarce protocol (toy: itpn_toy_train_<n>, the "
+                        "first n of the 256 train images, n in 32, 64, 128)")
     g.add_argument("--iters", type=int, default=200, help="train.max_iter of every run")
+    g.add_argument("--protocol-iters", action="append", default=[], metavar="PROTOCOL=N",
+                   help="train.max_iter of one protocol instead of --iters (repeatable), e.g. "
+                        "heads=1200")
     g.add_argument("--evals", type=int, default=3,
                    help="evaluations per run (train.eval_period = iters // evals), the AP curve")
     g.add_argument("--batch", type=int, default=4, help="dataloader.train.total_batch_size")
@@ -131,8 +145,17 @@ def parse_args(argv: Optional[Sequence[str]], repo: Path,
             p.error(f"--{key.replace('_', '-')} must be >= 1")
     if args.num_pool < 0:
         p.error("--num-pool must be >= 0")
-    if args.evals > args.iters:
-        p.error(f"--evals {args.evals} is more than --iters {args.iters}")
+    args.iters_of = {protocol: args.iters for protocol in PROTOCOLS}
+    for item in args.protocol_iters:
+        protocol, _, n = item.partition("=")
+        if protocol not in PROTOCOLS or not n.isdigit() or int(n) < 1:
+            p.error(f"--protocol-iters takes PROTOCOL=N with PROTOCOL one of {list(PROTOCOLS)} "
+                    f"and N >= 1, got {item!r}")
+        args.iters_of[protocol] = int(n)
+    for protocol in args.protocols:
+        if args.evals > args.iters_of[protocol]:
+            p.error(f"--evals {args.evals} is more than the {args.iters_of[protocol]} "
+                    f"iterations of protocol {protocol}")
     if args.image_size % 32:
         p.error(f"--image-size must be a multiple of 32, got {args.image_size}")
     if not (Path(repo) / args.config_file).is_file() and not Path(args.config_file).is_file():
@@ -229,9 +252,11 @@ class Study(Experiment):
         """One fine-tuning run; results: final ``bbox`` / ``segm`` metrics and the box AP
         ``curve`` of its periodic evaluations."""
         a = self.args
-        eval_period = a.iters // a.evals
-        settings = dict(config=a.config_file, iters=a.iters, batch=a.batch, lr=a.lr, seed=seed,
+        iters = a.iters_of[protocol]
+        eval_period = iters // a.evals
+        settings = dict(config=a.config_file, iters=iters, batch=a.batch, lr=a.lr, seed=seed,
                         protocol=protocol, eval_period=eval_period,
+                        scarce_dataset=a.scarce_dataset if protocol == "scarce" else None,
                         num_gpus=a.num_gpus, device=a.device, train_dataset=a.train_dataset,
                         test_dataset=a.test_dataset, opts=a.opts, image_size=a.image_size,
                         start=start["fingerprint"] if start else None,
@@ -247,10 +272,10 @@ class Study(Experiment):
                 "train.init_checkpoint": start["checkpoint"] if start else "",
                 "train.device": a.device,
                 "train.seed": seed,
-                "train.max_iter": a.iters,
+                "train.max_iter": iters,
                 "train.eval_period": eval_period,  # and after the last iteration
-                "train.checkpointer.period": a.iters + 1,  # model_final.pth only
-                "train.log_period": max(1, min(20, a.iters // 10)),
+                "train.checkpointer.period": iters + 1,  # model_final.pth only
+                "train.log_period": max(1, min(20, iters // 10)),
                 "dataloader.train.total_batch_size": a.batch,
                 "optimizer.lr": a.lr,
                 **PROTOCOLS[protocol],
@@ -263,15 +288,17 @@ class Study(Experiment):
                 overrides["model.backbone.net.img_size"] = img_size
             if a.train_dataset:
                 overrides["dataloader.train.dataset.names"] = a.train_dataset
+            if protocol == "scarce":
+                overrides["dataloader.train.dataset.names"] = a.scarce_dataset
             if a.test_dataset:
                 overrides["dataloader.test.dataset.names"] = a.test_dataset
             cmd = [python(), self.runner.script("tools/lazyconfig_train_net.py"), "--config-file",
                    a.config_file, "--num-gpus", a.num_gpus, *d2_overrides(overrides), *a.opts]
-            self.runner.command(stage, cmd, d2_train_progress(a.iters))
+            self.runner.command(stage, cmd, d2_train_progress(iters))
             if a.dry_run:
                 return {}
             results = eval_metrics(stage, ("bbox", "segm"), required=("bbox",))
-            results["curve"] = eval_history(stage.out_dir / "metrics.json", a.iters)
+            results["curve"] = eval_history(stage.out_dir / "metrics.json", iters)
             return results
 
         return self.runner.run(stage, work)
@@ -283,7 +310,7 @@ class Study(Experiment):
         n_runs = len(a.arms) * len(a.protocols) * len(a.seeds)
         print(f"transfer study: arms {', '.join(a.arms)}; protocols {', '.join(a.protocols)}; "
               f"seeds {a.seeds}; {n_pre} pretraining run(s) and {n_runs} fine-tuning runs of "
-              f"{a.iters} iterations; output {self.out}", flush=True)
+              f"{iteration_text(a.iters_of, a.protocols)}; output {self.out}", flush=True)
         self.runner.total_stages = (
             int(self.toy_recipe or (self.toy_pretrain and n_pre > 0)) + n_pre + n_runs)
         data = self.data()
@@ -309,6 +336,14 @@ class Study(Experiment):
             (self.out / "results.md").write_text(render_markdown(summary))
             plot(summary, self.out / "transfer_study.png")
         return summary
+
+
+def iteration_text(iters_of: Dict[str, int], protocols: Sequence[str]) -> str:
+    """"1800 iterations" or, when protocols differ, "1800 iterations (heads: 1200)"."""
+    counts = [iters_of[p] for p in protocols]
+    common = max(counts, key=counts.count)  # ties: the first protocol's
+    others = ", ".join(f"{p}: {iters_of[p]}" for p in protocols if iters_of[p] != common)
+    return f"{common} iterations" + (f" ({others})" if others else "")
 
 
 def checkpoint_img_size(path: str) -> Optional[int]:
@@ -447,11 +482,14 @@ def render_markdown(summary: Dict) -> str:
     lines = [
         "# Transfer study: integral vs conventional pretraining",
         "",
-        f"Recipe `{st['config_file']}`, {st['iters']} iterations at batch {st['batch']}, "
+        f"Recipe `{st['config_file']}`, "
+        f"{iteration_text(st['iters_of'], st['protocols'])} at batch {st['batch']}, "
         f"lr {st['lr']}, seeds {st['seeds']}, {st['evals']} evaluations per run; pretraining "
         f"`{st['model']}`, {st['pretrain_epochs']} epochs at batch {st['pretrain_batch']} for "
-        f"every pre-trained arm. Took {format_duration(summary['wall_s'])} (cached runs count "
-        f"as 0).",
+        f"every pre-trained arm"
+        + (f"; `scarce` trains on `{st['scarce_dataset']}`" if "scarce" in st["protocols"]
+           else "")
+        + f". Took {format_duration(summary['wall_s'])} (cached runs count as 0).",
         "",
         "AP on Detectron2's 0-100 scale: mean ± sample std over seeds (95% t interval). "
         "Go when some pre-trained arm beats scratch: its paired box-AP difference has a 95% "
