@@ -291,6 +291,97 @@ def test_exif_label_of_wrong_size_is_refused(tmp_path):
                 "sem_seg_file_name": str(tmp_path / "label.png")})
 
 
+# ---------------------------------------------------------------- one image reader
+
+def _odd_images(folder: Path) -> dict:
+    """One file per decoding case that Detectron2's own reader gets wrong or differently."""
+    ramp = (np.arange(48 * 64).reshape(48, 64) * 21).astype(np.uint16)  # 0 ... 64491
+    Image.fromarray(ramp).save(folder / "g16.png")
+    assert Image.open(folder / "g16.png").mode == "I;16"
+    la = Image.new("LA", (64, 48), (90, 255))
+    la.paste((30, 0), (0, 0, 32, 48))  # left half transparent: over white
+    la.save(folder / "la.png")
+    Image.new("P", (64, 48), 3).save(folder / "p.png")
+    Image.new("CMYK", (64, 48), (0, 255, 255, 0)).save(folder / "cmyk.jpg", quality=100)
+    pixels = np.zeros((48, 64, 3), np.uint8)
+    pixels[:8, :16] = 255
+    _exif_jpeg(folder / "rot.jpg", pixels, 6)  # upright: 64 x 48
+    return {name: folder / name for name in ("g16.png", "la.png", "p.png", "cmyk.jpg", "rot.jpg")}
+
+
+def test_every_d2_entry_point_reads_images_as_pretraining_does(tmp_path):
+    """Detection mappers (train and test), the segmentation mapper and the Predictor give the
+    pixels of pretraining's load_rgb_image; Detectron2's read_image turned the 16-bit file
+    white."""
+    from itpn_d2.d2 import Predictor
+    from itpn_d2.d2.data import BitmaskDatasetMapper, ImageDatasetMapper, read_image
+    from itpn_d2.d2.semseg_data import SemSegDatasetMapper
+    from itpn_d2.data.images import load_rgb_image
+
+    files = _odd_images(tmp_path)
+    detection = {"train": BitmaskDatasetMapper(is_train=True, augmentations=[],
+                                               image_format="RGB", use_instance_mask=True,
+                                               instance_mask_format="bitmask"),
+                 "test": ImageDatasetMapper(is_train=False, augmentations=[], image_format="BGR")}
+    segmentation = SemSegDatasetMapper(is_train=True, augmentations=[], image_format="RGB",
+                                       num_classes=3)
+    predictor = Predictor(TOY, "", device="cpu")
+    for name, path in files.items():
+        expected = np.asarray(load_rgb_image(path))
+        h, w = expected.shape[:2]
+        assert np.array_equal(read_image(str(path)), expected), name
+        assert np.array_equal(read_image(str(path), "BGR"), expected[..., ::-1]), name
+        assert np.array_equal(predictor.read_image(path), expected), name
+        record = {"file_name": str(path), "height": h, "width": w, "image_id": 0,
+                  "annotations": []}
+        out = detection["train"](record)["image"].permute(1, 2, 0).numpy()
+        assert np.array_equal(out, expected), name
+        out = detection["test"](record)["image"].permute(1, 2, 0).numpy()
+        assert np.array_equal(out, expected[..., ::-1]), name
+        Image.fromarray(np.ones((h, w), np.uint8)).save(tmp_path / "label.png")
+        out = segmentation({"file_name": str(path), "height": h, "width": w,
+                            "sem_seg_file_name": str(tmp_path / "label.png")})
+        assert np.array_equal(out["image"].permute(1, 2, 0).numpy(), expected), name
+    g16 = np.asarray(load_rgb_image(files["g16.png"]))
+    assert g16[0, 0, 0] == 0 and g16[-1, -1, 0] == round(64491 / 257)  # scaled, not white
+    assert np.asarray(load_rgb_image(files["rot.jpg"])).shape == (64, 48, 3)
+
+
+def test_truncated_or_text_image_names_its_file(tmp_path):
+    from itpn_d2.d2.data import ImageReadError, read_image
+
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(tmp_path / "ok.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:60])
+    (tmp_path / "text.jpg").write_text("not an image")
+    for name in ("cut.png", "text.jpg"):
+        with pytest.raises(ImageReadError, match=f"^cannot read image {tmp_path / name}: "):
+            read_image(str(tmp_path / name))
+    assert issubclass(ImageReadError, OSError)  # training skips it as any unreadable image
+    with pytest.raises(FileNotFoundError, match="^image file .*missing.png does not exist$"):
+        read_image(str(tmp_path / "missing.png"))
+
+
+def test_16bit_label_values_are_checked_before_any_cast(tmp_path):
+    """A 16-bit label value 258 used to wrap to class 2; it must be refused, and valid 16-bit
+    labels must train as their values."""
+    from itpn_d2.d2.semseg_data import LabelError, SemSegDatasetMapper
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "img.png")
+    mapper = SemSegDatasetMapper(is_train=True, augmentations=[], image_format="RGB",
+                                 num_classes=3)
+    record = {"file_name": str(tmp_path / "img.png"), "height": 8, "width": 8,
+              "sem_seg_file_name": str(tmp_path / "label.png")}
+    label = np.full((8, 8), 2, np.uint16)
+    label[0, 0] = 255  # the ignore value
+    Image.fromarray(label).save(tmp_path / "label.png")
+    assert Image.open(tmp_path / "label.png").mode == "I;16"
+    assert np.array_equal(mapper(dict(record))["sem_seg"].numpy(), label.astype(np.int64))
+    label[1, 1] = 258
+    Image.fromarray(label).save(tmp_path / "label.png")
+    with pytest.raises(LabelError, match=r"has values 258 outside the classes 0\.\.2"):
+        mapper(dict(record))
+
+
 # ---------------------------------------------------------------- checkpoints and lock
 
 def _checkpointer(folder):

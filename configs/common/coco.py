@@ -11,11 +11,11 @@ from omegaconf import OmegaConf
 
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
-from detectron2.data import (DatasetMapper, build_detection_test_loader,
-                             build_detection_train_loader, get_detection_dataset_dicts)
+from detectron2.data import (build_detection_test_loader, build_detection_train_loader,
+                             get_detection_dataset_dicts)
 from detectron2.evaluation import COCOEvaluator
 
-from itpn_d2.d2.data import BitmaskDatasetMapper, RandomChoice
+from itpn_d2.d2.data import BitmaskDatasetMapper, ImageDatasetMapper, RandomChoice
 
 MULTI_SCALE = tuple(range(480, 801, 32))  # 480, 512, ..., 800
 
@@ -50,7 +50,7 @@ dataloader.train = L(build_detection_train_loader)(
 
 dataloader.test = L(build_detection_test_loader)(
     dataset=L(get_detection_dataset_dicts)(names="coco_2017_val", filter_empty=False),
-    mapper=L(DatasetMapper)(
+    mapper=L(ImageDatasetMapper)(
         is_train=False,
         augmentations=[L(T.ResizeShortestEdge)(short_edge_length=800, max_size=1333)],
         image_format="${...train.mapper.image_format}",

@@ -1,18 +1,78 @@
-"""Data helpers for the recipes: DETR-style multi-scale augmentation and dataset checks."""
+"""Data helpers for the recipes: one image reader, mappers that use it, DETR-style multi-scale
+augmentation and dataset checks."""
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 from typing import Iterable, List, Optional, Sequence, Union
 
 import numpy as np
+import torch
+from PIL import Image
 
 import detectron2.data.transforms as T
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
+from detectron2.data import detection_utils as utils
+from detectron2.utils.file_io import PathManager
 
+from ..data.images import to_rgb
 from ..data.toy import MAKE_COMMAND, ROOT_ENV
 from ..errors import UserError
+
+
+class ImageReadError(UserError, OSError):
+    """An image file that cannot be decoded (an ``OSError``, so that training skips it as any
+    unreadable image)."""
+
+
+def read_image(file_name: str, format: Optional[str] = "RGB") -> np.ndarray:
+    """Detectron2's ``read_image`` with pretraining's decoding (:func:`itpn_d2.data.images.to_rgb`):
+    EXIF orientation applied, 16-bit images scaled instead of clipped to white, transparency
+    composited over white, palette / grayscale / CMYK converted. Returns ``(H, W, C)`` uint8 in
+    ``format`` (``"RGB"``, ``"BGR"``, ``"L"``... as Detectron2's; ``None`` means RGB).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ImageReadError: it is not an image or is truncated (the message names the file).
+    """
+    if not PathManager.exists(file_name):
+        raise FileNotFoundError(f"image file {file_name} does not exist")
+    try:
+        with PathManager.open(file_name, "rb") as f, Image.open(f) as image:
+            rgb = to_rgb(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageReadError(f"cannot read image {file_name}: {e}") from e
+    return np.asarray(rgb) if format in (None, "RGB") else utils.convert_PIL_to_numpy(rgb, format)
+
+
+class ImageDatasetMapper(DatasetMapper):
+    """Detectron2's ``DatasetMapper`` for detection with images read by :func:`read_image`, so
+    that fine-tuning and inference see a file as pretraining does. Takes ``DatasetMapper``'s
+    arguments; precomputed proposals and ``sem_seg_file_name`` records are not supported
+    (semantic segmentation has :class:`~itpn_d2.d2.semseg_data.SemSegDatasetMapper`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.proposal_topk is not None:
+            raise ValueError("ImageDatasetMapper does not load precomputed proposals; use "
+                             "Detectron2's DatasetMapper for them")
+
+    def __call__(self, dataset_dict: dict) -> dict:
+        dataset_dict = copy.deepcopy(dataset_dict)
+        image = read_image(dataset_dict["file_name"], format=self.image_format)
+        utils.check_image_size(dataset_dict, image)
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if not self.is_train:
+            dataset_dict.pop("annotations", None)
+            dataset_dict.pop("sem_seg_file_name", None)
+        elif "annotations" in dataset_dict:
+            self._transform_annotations(dataset_dict, transforms, image.shape[:2])
+        return dataset_dict
 
 
 class RandomChoice(T.Augmentation):
@@ -44,11 +104,11 @@ class RandomChoice(T.Augmentation):
         return f"RandomChoice({self.choices})"
 
 
-class BitmaskDatasetMapper(DatasetMapper):
-    """``DatasetMapper`` that rasterises polygon masks before augmenting (when
+class BitmaskDatasetMapper(ImageDatasetMapper):
+    """:class:`ImageDatasetMapper` that rasterises polygon masks before augmenting (when
     ``instance_mask_format="bitmask"``), as the published pipeline does (mmdetection's
     ``poly2mask``). Augmentations then crop and resize pixel masks, which needs no polygon
-    clipping library. Takes the same arguments as ``DatasetMapper``.
+    clipping library.
     """
 
     def _transform_annotations(self, dataset_dict, transforms, image_shape):

@@ -32,7 +32,6 @@ import detectron2.data.transforms as T
 from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
-from detectron2.data.detection_utils import read_image
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.modeling import SemanticSegmentor
 from detectron2.structures import Instances
@@ -40,7 +39,7 @@ from detectron2.structures import Instances
 from ..errors import UserError, run_cli
 from .checkpoint import ITPNCheckpointer
 from .config import apply_overrides, load_config
-from .data import config_dataset_names
+from .data import config_dataset_names, read_image
 
 __all__ = ["IMAGE_EXTENSIONS", "InputError", "Predictor", "draw_instances", "draw_sem_seg",
            "list_images", "predict_files"]
@@ -126,7 +125,7 @@ class Predictor:
 
     def read_image(self, path: Union[str, Path]) -> np.ndarray:
         """``path`` as an ``(H, W, 3)`` uint8 array in the model's channel order, with its EXIF
-        orientation applied (Detectron2's reader, as in training)."""
+        orientation applied (:func:`~itpn_d2.d2.data.read_image`, as in training)."""
         if not Path(path).is_file():
             raise InputError(f"input image {path} does not exist")
         return read_image(str(path), format=self.model_format)

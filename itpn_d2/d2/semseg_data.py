@@ -27,6 +27,7 @@ from detectron2.utils.file_io import PathManager
 
 from ..data.images import IGNORE_LABEL
 from ..errors import UserError
+from .data import read_image
 
 __all__ = ["LabelError", "SemSegDatasetMapper", "align_label", "check_label", "exif_orientation",
            "read_label_png", "semseg_train_augmentations"]
@@ -130,7 +131,7 @@ class SemSegDatasetMapper(DatasetMapper):
         image_path = dataset_dict["file_name"]
         if not PathManager.exists(image_path):
             raise FileNotFoundError(f"image file {image_path} does not exist")
-        image = utils.read_image(image_path, format=self.image_format)
+        image = read_image(image_path, format=self.image_format)
         utils.check_image_size(dataset_dict, image)
 
         label_path = dataset_dict.pop("sem_seg_file_name", None)
@@ -139,9 +140,13 @@ class SemSegDatasetMapper(DatasetMapper):
             if label_path is None:
                 raise KeyError(f"dataset record of {image_path} has no 'sem_seg_file_name'; "
                                f"is this a semantic segmentation dataset?")
-            label = align_label(read_label_png(label_path), exif_orientation(image_path),
-                                image.shape[:2], label_path, image_path)
+            # at the file's own bit depth: a 16-bit value must fail the check, not wrap
+            label = align_label(read_label_png(label_path, dtype=None),
+                                exif_orientation(image_path), image.shape[:2], label_path,
+                                image_path)
             check_label(label, self.num_classes, self.ignore_value, label_path)
+            if max(self.num_classes - 1, self.ignore_value) <= 255:
+                label = label.astype(np.uint8)
 
         aug_input = T.AugInput(image, sem_seg=label)
         self.augmentations(aug_input)
