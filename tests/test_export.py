@@ -125,6 +125,34 @@ def test_export_tool_rejects_bad_size_before_building(tmp_path):
                    "--size", "80", "96", "model.backbone.net.img_size=128"])
 
 
+def test_export_refuses_random_weights_and_overwriting(tmp_path):
+    from itpn_d2.checkpoint import CheckpointError
+    from itpn_d2.zoo import zoo_path
+
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(str(TOY)), [
+        "model.backbone.net.img_size=128", "model.backbone.net.depth=1"])
+    with pytest.raises(ExportError, match=r"^no checkpoint given: the export would hold random "
+                                          r"weights; .*--allow-random-weights"):
+        export_model(cfg, tmp_path / "a", checkpoint=None)
+    pretraining = LazyConfig.apply_overrides(LazyConfig.load(str(TOY)),
+                                             ["model.backbone.net.img_size=128"])
+    with pytest.raises(CheckpointError, match=r"leaves part of the model random: heads \(\d+ "
+                                              r"tensors: proposal_generator\.rpn_head\.\* \(6\), roi_heads\.box"):
+        export_model(pretraining, tmp_path / "a",
+                     checkpoint=str(zoo_path("itpn_nano_toy_integral")))
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ExportError, match=f"^--output {tmp_path / 'file'} is a file; give a "
+                                          f"folder for the exported files$"):
+        export_model(cfg, tmp_path / "file", checkpoint=None, allow_random=True)
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "export.json").write_text("{}")
+    with pytest.raises(ExportError, match=r"already holds an export \(export.json\); choose "
+                                          r"another folder or pass --overwrite to replace it$"):
+        export_model(cfg, tmp_path / "done", checkpoint=None, allow_random=True)
+    assert (tmp_path / "done" / "export.json").read_text() == "{}"
+
+
 @pytest.mark.slow
 def test_torch_export_every_multiple_of_32_from_64_to_1344(shallow, program):
     sides = range(64, 1345, 32)

@@ -137,13 +137,49 @@ def test_predict_tool_segmentation_writes_label_maps(tmp_path):
     Image.fromarray(np.full((72, 100, 3), 90, np.uint8)).save(image)
     out = tmp_path / "seg"
     load_tool("predict").main(["--config-file", str(SEG), "--checkpoint", "", "--input",
-                               str(image), "--output", str(out), "--device", "cpu", *OVERRIDES])
+                               str(image), "--output", str(out), "--device", "cpu",
+                               "--allow-random-weights", *OVERRIDES])
     (record,) = json.loads((out / "predictions.json").read_text())
     assert record == {"file_name": str(image), "height": 72, "width": 100,
                       "sem_seg_file_name": "sem_seg/photo.png"}
     labels = np.asarray(Image.open(out / record["sem_seg_file_name"]))
     assert labels.shape == (72, 100) and labels.max() < 6
     assert Image.open(out / "vis" / "photo.png").size == (100, 72)
+
+
+def test_weights_that_leave_the_model_random_stop_prediction(det_checkpoint, toy_root, tmp_path):
+    """A pretraining checkpoint (heads random), another recipe's model_final.pth (heads of the
+    other task random) or no weights at all: one CheckpointError naming what stays random,
+    unless asked for (--allow-random-weights / allow_random=True)."""
+    from itpn_d2.checkpoint import CheckpointError
+    from itpn_d2.zoo import zoo_path
+
+    image = toy_root / "images" / "val" / "000000.png"
+    tool = load_tool("predict")
+    args = ["--input", str(image), "--device", "cpu", *OVERRIDES]
+    pretraining = str(zoo_path("itpn_nano_toy_integral"))
+    for config, checkpoint, random_part in (
+            (DET, pretraining,
+             r"heads \(\d+ tensors: proposal_generator\.rpn_head\.\* \(6\), roi_heads"),
+            (SEG, str(det_checkpoint), r"heads \(\d+ tensors: sem_seg_head\.")):
+        message = (rf"^{checkpoint} \(.*\) leaves part of the model random: {random_part}.*; "
+                   rf"give the model_final.pth that training this recipe wrote \(or ")
+        with pytest.raises(CheckpointError, match=message + "pass allow_random=True"):
+            Predictor(config, checkpoint, device="cpu", overrides=OVERRIDES)
+        with pytest.raises(CheckpointError, match=message):
+            tool.main(["--config-file", str(config), "--checkpoint", checkpoint, "--output",
+                       str(tmp_path / "a"), *args])
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(CheckpointError, match=r"^no weights: --checkpoint is empty and so is "
+                                              r"the config's train.init_checkpoint; .*"
+                                              r"--allow-random-weights"):
+        tool.main(["--config-file", str(DET), "--checkpoint", "", "--output",
+                   str(tmp_path / "b"), *args])
+    assert tool.main(["--config-file", str(DET), "--checkpoint", pretraining, "--output",
+                      str(tmp_path / "c"), "--allow-random-weights", *args]) == 0
+    assert (tmp_path / "c" / "predictions.json").is_file()
+    # a complete checkpoint of the recipe loads without a flag
+    assert Predictor(DET, str(det_checkpoint), device="cpu", overrides=OVERRIDES).checkpoint
 
 
 def test_list_images_errors_name_the_input(tmp_path):

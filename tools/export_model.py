@@ -21,6 +21,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from detectron2.utils.logger import setup_logger
+
 from itpn_d2.d2.config import load_config
 from itpn_d2.d2.export import EXPORT_FORMATS, export_model
 from itpn_d2.errors import run_cli
@@ -31,8 +33,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, help="LazyConfig recipe")
     parser.add_argument("--checkpoint", default=None,
-                        help="weights (default: the config's train.init_checkpoint; an empty "
-                             "value exports random weights, to test the export)")
+                        help="weights: the model_final.pth that training wrote (default: the "
+                             "config's train.init_checkpoint)")
+    parser.add_argument("--allow-random-weights", action="store_true",
+                        help="export even when the weights leave part of the model random (no "
+                             "checkpoint, or a pretraining one): to test the export only")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export in --output")
     parser.add_argument("--format", choices=EXPORT_FORMATS, default="torchscript")
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
@@ -46,8 +53,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config_file, args.opts)
     checkpoint = args.checkpoint if args.checkpoint is not None else cfg.train.init_checkpoint
+    setup_logger(name="itpn_d2", abbrev_name="itpn")  # the checkpointer's load table
     report = export_model(cfg, args.output, args.format, checkpoint=checkpoint or None,
-                          size=args.size, device=args.device)
+                          size=args.size, device=args.device,
+                          allow_random=args.allow_random_weights, overwrite=args.overwrite)
     for part, file in report["files"].items():
         diffs = ", ".join(f"{k} {v:.1e}" for k, v in report["checks"][part].items())
         print(f"wrote {args.output}/{file}: max |exported - eager| at {diffs}")

@@ -383,6 +383,35 @@ class ITPNCheckpointer(DetectionCheckpointer):
         table = tabulate(rows, headers=["", "tensors", "params", "names"], tablefmt="pipe")
         return f"Loaded {report['path']} ({report['kind']}):\n{table}"
 
+    def left_random(self) -> Dict[str, List[str]]:
+        """The model's tensors that the last :meth:`load` did not fill, by part (``backbone``,
+        ``pyramid``, ``heads``); empty when every tensor came from the checkpoint."""
+        if self.last_report is None:
+            raise RuntimeError("left_random() needs a load() first")
+        prefix = self.last_report.get("prefix")
+        if prefix is None:
+            prefixes = list(find_itpn_backbones(self.model)) if self._has_itpn() else []
+            prefix = prefixes[0] if prefixes else "\0"
+        parts: Dict[str, List[str]] = {}
+        for key in self.last_report["new"]:
+            part = next((p for p in ("backbone", "pyramid") if key.startswith(f"{prefix}{p}.")),
+                        "heads")
+            parts.setdefault(part, []).append(key)
+        return parts
+
+    def require_trained(self, how_to_allow: str) -> None:
+        """Raise :class:`CheckpointError` when the last load left part of the model random
+        (inference and export need a trained model); ``how_to_allow`` names the opt-out."""
+        parts = self.left_random()
+        if parts:
+            report = self.last_report
+            listed = "; ".join(f"{part} ({len(keys)} tensors: {_group(keys, 2)})"
+                               for part, keys in parts.items())
+            raise CheckpointError(
+                f"{report['path']} ({report['kind']}) leaves part of the model random: {listed}; "
+                f"give the model_final.pth that training this recipe wrote (or {how_to_allow} "
+                f"to run with random weights)")
+
     def _has_itpn(self) -> bool:
         try:
             find_itpn_backbones(self.model)

@@ -68,10 +68,17 @@ def _sizes(*sizes: Size) -> List[Size]:
     return list(dict.fromkeys(tuple(int(s) for s in size) for size in sizes))
 
 
-def _load_model(cfg, checkpoint: Optional[str], device: str) -> nn.Module:
+def _load_model(cfg, checkpoint: Optional[str], device: str, allow_random: bool) -> nn.Module:
+    if not checkpoint and not allow_random:
+        raise ExportError("no checkpoint given: the export would hold random weights; give the "
+                          "model_final.pth that training wrote (or allow random weights: "
+                          "--allow-random-weights, allow_random=True)")
     model = instantiate(cfg.model).to(device).eval()
     if checkpoint:
-        ITPNCheckpointer(model, check_inputs="warn").load(checkpoint)
+        checkpointer = ITPNCheckpointer(model, check_inputs="warn")
+        checkpointer.load(checkpoint)
+        if not allow_random:
+            checkpointer.require_trained("--allow-random-weights / allow_random=True")
     if not isinstance(getattr(model, "backbone", None), ITPNBackbone):
         raise ExportError("the config's model.backbone is not an ITPNBackbone; export_model "
                           "exports iTPN recipes (configs/)")
@@ -80,7 +87,8 @@ def _load_model(cfg, checkpoint: Optional[str], device: str) -> nn.Module:
 
 def export_model(cfg, output: Union[str, Path], fmt: str = "torchscript", *,
                  checkpoint: Optional[str] = None, size: Optional[Sequence[int]] = None,
-                 device: str = "cpu", tol: float = EXPORT_TOLERANCE) -> Dict[str, Any]:
+                 device: str = "cpu", tol: float = EXPORT_TOLERANCE, allow_random: bool = False,
+                 overwrite: bool = False) -> Dict[str, Any]:
     """Export a recipe's model to ``output`` and check it; return the report (also written to
     ``output/export.json``).
 
@@ -93,27 +101,39 @@ def export_model(cfg, output: Union[str, Path], fmt: str = "torchscript", *,
         cfg: a LazyConfig (overrides already applied).
         output: folder for the files.
         fmt: one of :data:`EXPORT_FORMATS`.
-        checkpoint: weights to load (``None``: random weights, for testing the export only).
+        checkpoint: weights to load: a trained model of the recipe (``model_final.pth``).
+        allow_random: export even with no checkpoint or one that leaves part of the model
+            random (a pretraining checkpoint leaves the heads random): to test the export.
+        overwrite: replace the files of an earlier export in ``output``.
         size: ``(H, W)`` of the example input (default: the backbone's pretraining size).
         device: where the model runs for tracing and the checks.
         tol: largest accepted exported-vs-eager difference.
 
     Raises:
-        ExportError: unknown format, bad size, missing optional packages, or outputs that
-            differ from the eager model's by more than ``tol``.
+        ExportError: unknown format, bad size, missing optional packages, an ``output``
+            that is a file or holds an export (without ``overwrite``), no checkpoint (without
+            ``allow_random``), or outputs that differ from the eager model's by more than
+            ``tol``.
+        CheckpointError: the checkpoint leaves part of the model random (without
+            ``allow_random``) or does not fit the recipe.
     """
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"--format {fmt!r} is unknown; choose from {', '.join(EXPORT_FORMATS)}")
+    out_dir = Path(output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"--output {out_dir} is a file; give a folder for the exported files")
+    if (out_dir / "export.json").exists() and not overwrite:
+        raise ExportError(f"--output {out_dir} already holds an export (export.json); choose "
+                          f"another folder or pass --overwrite to replace it")
     if size is not None:  # before the (slow) model build
         size = check_export_size(size)
-    model = _load_model(cfg, checkpoint, device)
+    model = _load_model(cfg, checkpoint, device, allow_random)
     net = model.backbone.net
     pretrain = tuple(net.backbone.img_size)
     size = check_export_size(size if size is not None else pretrain)
     other = check_export_size((min(size[0] + 32, EXPORT_SIZE_RANGE[1]),
                                min(size[1] + 64, EXPORT_SIZE_RANGE[1])))
     backbone_sizes = _sizes(size, pretrain, (64, 96), other)
-    out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     module = BackboneOutputs(model.backbone).eval()

@@ -35,7 +35,9 @@ from detectron2.data.catalog import Metadata
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.modeling import SemanticSegmentor
 from detectron2.structures import Instances
+from detectron2.utils.logger import setup_logger
 
+from ..checkpoint import CheckpointError
 from ..errors import UserError, run_cli
 from .checkpoint import ITPNCheckpointer
 from .config import apply_overrides, load_config
@@ -89,6 +91,9 @@ class Predictor:
         input_format: channel order of the **arrays** given to :meth:`__call__`: ``"RGB"``
             (PIL, imageio, matplotlib) or ``"BGR"`` (OpenCV). Image files are read by the
             predictor (EXIF orientation applied) and need no such setting.
+        allow_random: run even when ``checkpoint`` leaves part of the model random (a
+            pretraining checkpoint leaves the heads random); otherwise that is a
+            :class:`~itpn_d2.checkpoint.CheckpointError`.
 
     Calling it on an image returns Detectron2's output for that image, in the coordinates of
     the image as given: ``{"instances": Instances}`` (boxes, scores, classes, full-image masks)
@@ -98,7 +103,7 @@ class Predictor:
 
     def __init__(self, config: Union[str, Path, Any], checkpoint: Optional[str] = None, *,
                  device: Optional[str] = None, overrides: Sequence[str] = (),
-                 input_format: str = "RGB"):
+                 input_format: str = "RGB", allow_random: bool = False):
         if input_format not in CHANNEL_ORDERS:
             raise ValueError(f"input_format must be one of {CHANNEL_ORDERS}, got "
                              f"{input_format!r}")
@@ -112,7 +117,11 @@ class Predictor:
         if checkpoint is None:
             checkpoint = self.cfg.train.get("init_checkpoint", "")
         if checkpoint:
-            ITPNCheckpointer(self.model).load(checkpoint)
+            checkpointer = ITPNCheckpointer(self.model)
+            checkpointer.load(checkpoint)
+            if not allow_random:
+                checkpointer.require_trained("pass allow_random=True, --allow-random-weights "
+                                             "in itpn-predict,")
         else:
             logger.warning("Predictor: no checkpoint given, the model has random weights")
         self.checkpoint = checkpoint or None
@@ -288,6 +297,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="detections below it are left out of predictions.json and the "
                              "drawings (0 keeps all, e.g. for COCO evaluation)")
     parser.add_argument("--no-vis", action="store_true", help="write no drawings")
+    parser.add_argument("--allow-random-weights", action="store_true",
+                        help="predict even when the weights leave part of the model random "
+                             "(no checkpoint, or a pretraining one): to test the pipeline only")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="key=value config overrides")
     return parser.parse_args(argv)
 
@@ -295,8 +307,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     list_images(args.input)  # fail on a missing input before building the model
-    predictor = Predictor(args.config_file, args.checkpoint, device=args.device,
-                          overrides=args.opts)
+    setup_logger(name="itpn_d2", abbrev_name="itpn")  # the checkpointer's load table
+    cfg = load_config(args.config_file, args.opts)
+    checkpoint = args.checkpoint if args.checkpoint is not None \
+        else cfg.train.get("init_checkpoint", "")
+    if not checkpoint and not args.allow_random_weights:
+        raise CheckpointError("no weights: --checkpoint is empty and so is the config's "
+                              "train.init_checkpoint; give --checkpoint model_final.pth (or "
+                              "--allow-random-weights to predict with random weights)")
+    predictor = Predictor(cfg, checkpoint, device=args.device,
+                          allow_random=args.allow_random_weights)
     path = predict_files(predictor, args.input, args.output,
                          score_threshold=args.score_threshold, visualize=not args.no_vis)
     print(f"wrote {path}")
