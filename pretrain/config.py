@@ -71,6 +71,7 @@ class PretrainConfig:
     seed: int = 0
     resume: Optional[str] = None
     auto_resume: bool = False
+    overwrite: bool = False
     save_every: int = 1
     keep_every: int = 0
     log_every: int = 20

@@ -233,15 +233,23 @@ def gather_rng_states(state: Dict[str, Any], info: DistInfo) -> List[Dict[str, A
 
 
 def find_resume(config: PretrainConfig) -> Optional[Path]:
+    """The checkpoint to continue from (None: a new run). A new run, or one resumed from
+    another run's file, must not replace the checkpoint-last.pth of the run in output_dir
+    unless ``--overwrite`` says so (resuming one of that run's own snapshots may)."""
+    last = Path(config.output_dir) / LAST
+    path = None
     if config.resume:
         path = Path(config.resume).expanduser()
         if not path.is_file():
             raise ResumeError(f"--resume: checkpoint not found: {path}")
-        return path
-    if config.auto_resume:
-        path = Path(config.output_dir) / LAST
-        return path if path.is_file() else None
-    return None
+    elif config.auto_resume and last.is_file():
+        path = last
+    if last.is_file() and not config.overwrite \
+            and (path is None or not path.parent.samefile(last.parent)):
+        raise ResumeError(f"--output_dir {config.output_dir} holds a pretraining run ({LAST}); "
+                          f"pass --auto_resume to continue it, --overwrite to replace it, or "
+                          f"choose another --output_dir")
+    return path
 
 
 def check_resume_compatible(ckpt: Dict[str, Any], config: PretrainConfig, path: Path) -> None:
@@ -519,7 +527,8 @@ def restore_training_state(ckpt: Dict[str, Any], path: Path, config: PretrainCon
         if len(states) == info.world_size:
             state.rng = states[info.rank]
     notes = sorted(k for k in old if k not in ARCH_ARGS + LAYOUT_ARGS and k in now
-                   and old[k] != now[k] and k not in ("resume", "auto_resume", "max_steps"))
+                   and old[k] != now[k]
+                   and k not in ("resume", "auto_resume", "overwrite", "max_steps"))
     if info.is_main:
         log.info(f"resuming from {path}: epoch {state.epoch}, step {state.step}"
                  + (f"; settings now different: {', '.join(notes)}" if notes else ""))

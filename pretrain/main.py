@@ -219,6 +219,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="checkpoint to continue from (default: none, or see --auto_resume)")
     g.add_argument("--auto_resume", action="store_true",
                    help="continue from output_dir/checkpoint-last.pth if it exists")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an output_dir that holds one (its "
+                        "checkpoint-last.pth is replaced)")
     g.add_argument("--save_every", type=POSITIVE_INT, default=1,
                    help="write checkpoint-last.pth every N epochs (and always at the end)")
     g.add_argument("--keep_every", type=COUNT, default=0,

@@ -251,6 +251,23 @@ def test_stale_temporaries_lock_and_log_without_duplicates(images, tmp_path, cap
             == [{k: v for k, v in e.items() if k not in drop} for e in logs[1]])
 
 
+def test_a_finished_run_is_not_replaced_without_overwrite(images, tmp_path, capsys):
+    out = tmp_path / "run"
+    first = main(_argv(images, out, "--epochs", "1"))
+    finished = (out / "checkpoint-last.pth").read_bytes()
+    assert cli(_argv(images, out, "--epochs", "1", "--seed", "1")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --output_dir {out} holds a pretraining run (checkpoint-last.pth); pass "
+        f"--auto_resume to continue it, --overwrite to replace it, or choose another "
+        f"--output_dir")
+    assert (out / "checkpoint-last.pth").read_bytes() == finished
+    more = main(_argv(images, out, "--epochs", "2", "--auto_resume"))  # continues
+    assert more.step == 2 * first.step
+    again = main(_argv(images, out, "--epochs", "1", "--seed", "1", "--overwrite"))
+    assert again.step == first.step
+    assert load_checkpoint(out / "checkpoint-last.pth")["args"]["seed"] == 1
+
+
 def test_a_kill_between_the_saves_of_an_epoch_loses_no_kept_snapshot(images, tmp_path,
                                                                      monkeypatch):
     """With --keep_every 1 an epoch writes two files; a kill after the first must not leave a
