@@ -22,7 +22,8 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 from itpn_d2.checkpoint import CheckpointError, TEMP_SUFFIX, lock_run_dir  # noqa: E402
 from itpn_d2.d2.bad_images import BadImageHook, BadImagesError, SkipBadImages  # noqa: E402
 from itpn_d2.d2.config import (ConfigError, check_train_config,  # noqa: E402
-                               eval_checkpoint_problem, load_config, move_trailing_flags)
+                               eval_checkpoint_problem, finished_run_problem, load_config,
+                               move_trailing_flags)
 from itpn_d2.errors import DiskFullError, UserError  # noqa: E402
 
 from test_d2_tools import import_tool, tool_main  # noqa: E402
@@ -92,6 +93,24 @@ def test_eval_only_needs_a_checkpoint(toy_root, tmp_path, monkeypatch):
     monkeypatch.setenv("ITPN_TOY_ROOT", str(toy_root))
     with pytest.raises(ConfigError, match="--eval-only with an empty train.init_checkpoint"):
         tool_main(["--config-file", TOY, "--eval-only", f"train.output_dir={tmp_path}"])
+
+
+def test_training_does_not_replace_a_finished_run(tmp_path):
+    (tmp_path / "model_final.pth").write_bytes(b"a finished run")
+    proc = run_train_tool(["--config-file", TOY, f"train.output_dir={tmp_path}"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"error: train.output_dir {tmp_path} holds a finished run (model_final.pth); pass "
+        f"--resume to continue it, train.overwrite=True to train again there, or choose "
+        f"another train.output_dir")
+    assert (tmp_path / "model_final.pth").read_bytes() == b"a finished run"
+    same = load_config(TOY, [f"train.output_dir={tmp_path}"])
+    assert "holds a finished run" in finished_run_problem(same, resume=False)
+    assert finished_run_problem(same, resume=True) is None
+    overwrite = load_config(TOY, [f"train.output_dir={tmp_path}", "train.overwrite=True"])
+    assert finished_run_problem(overwrite, resume=False) is None
+    assert finished_run_problem(load_config(TOY, [f"train.output_dir={tmp_path / 'new'}"]),
+                                resume=False) is None
 
 
 # ---------------------------------------------------------------- one line, exit status

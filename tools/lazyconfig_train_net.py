@@ -42,7 +42,8 @@ from itpn_d2.d2.bad_images import (BadImageHook, evaluation_image_errors,
                                    instantiate_train_loader, json_errors_named)
 from itpn_d2.d2.cli import launch_cli
 from itpn_d2.d2.config import (ConfigError, check_train_config,
-                               eval_checkpoint_problem, load_config, move_trailing_flags)
+                               eval_checkpoint_problem, finished_run_problem, load_config,
+                               move_trailing_flags)
 from itpn_d2.d2.data import prepare_datasets
 from itpn_d2.errors import run_cli
 from itpn_d2.eval_results import write_eval_results
@@ -142,6 +143,9 @@ def load_checked_config(args):
     cfg = load_config(args.config_file, args.opts)
     check_train_config(cfg, world_size=args.num_gpus * args.num_machines,
                        eval_only=args.eval_only)
+    problem = None if args.eval_only else finished_run_problem(cfg, args.resume)
+    if problem:
+        raise ConfigError(problem)
     return cfg
 
 

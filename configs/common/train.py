@@ -24,5 +24,8 @@ train = dict(
     max_bad_image_fraction=0.01,
     # --eval-only with an empty init_checkpoint evaluates random weights only if True.
     eval_random_init=False,
+    # Training into an output_dir that holds a finished run (model_final.pth) without
+    # --resume replaces it only if True.
+    overwrite=False,
     seed=-1,
 )

@@ -26,6 +26,7 @@ from ..errors import UserError
 from ..modeling.itpn import BUILD_ARGS
 
 __all__ = ["CHECK_INPUTS", "ConfigError", "check_train_config", "eval_checkpoint_problem",
+           "finished_run_problem",
            "load_config", "move_trailing_flags", "validate_override_key"]
 
 CHECK_INPUTS = ("error", "warn", "ignore")
@@ -236,6 +237,17 @@ def check_train_config(cfg: DictConfig, world_size: int = 1, eval_only: bool = F
         raise ConfigError("; ".join(problems))
     if init and "://" not in init and not os.path.exists(init):
         raise CheckpointError(f"checkpoint file not found: {init} (train.init_checkpoint)")
+
+
+def finished_run_problem(cfg: DictConfig, resume: bool) -> Optional[str]:
+    """Why training would replace a finished run's ``model_final.pth`` (or ``None``)."""
+    out = _select(cfg, "train.output_dir", "")
+    if resume or _select(cfg, "train.overwrite", False) \
+            or not os.path.isfile(os.path.join(out, "model_final.pth")):
+        return None
+    return (f"train.output_dir {out} holds a finished run (model_final.pth); pass --resume to "
+            f"continue it, train.overwrite=True to train again there, or choose another "
+            f"train.output_dir")
 
 
 def eval_checkpoint_problem(cfg: DictConfig, resume_available: bool) -> Optional[str]:
