@@ -7,6 +7,7 @@ Every checkpoint this project writes holds ``model`` (the exact state dict of
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import pickle
 import re
@@ -127,6 +128,10 @@ def remove_stale_temporaries(folder: PathLike) -> List[Path]:
     return removed
 
 
+class OutputDirError(UserError, PermissionError):
+    """An output folder that cannot be written (permissions, read-only file system)."""
+
+
 class RunDirLock:
     """An exclusive ``flock`` on ``<folder>/.lock``, held while a run writes into ``folder``.
 
@@ -138,8 +143,14 @@ class RunDirLock:
         import fcntl
 
         self.path = Path(folder) / ".lock"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a+")
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise OutputDirError(f"output folder {folder} is not writable ({e.strerror}); "
+                                 f"choose another output folder") from None
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -53,8 +53,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from itpn_d2.checkpoint import (D2_LOAD_FLAGS, TEMP_SUFFIX, CheckpointError, check_state_dict,
-                                load_checkpoint, lock_run_dir, model_metadata,
+from itpn_d2.checkpoint import (D2_LOAD_FLAGS, TEMP_SUFFIX, CheckpointError, OutputDirError,
+                                check_state_dict, load_checkpoint, lock_run_dir, model_metadata,
                                 remove_stale_temporaries, save_checkpoint)
 from itpn_d2.errors import UserError
 
@@ -290,9 +290,8 @@ def _lock_output_dir(out_dir: Path):
         raise SettingsError(f"--output_dir {out_dir} is a file, not a folder")
     try:
         return lock_run_dir(out_dir)
-    except PermissionError as e:
-        raise SettingsError(f"--output_dir {out_dir} is not writable ({e.strerror}); choose "
-                            f"another folder") from None
+    except OutputDirError as e:
+        raise SettingsError(f"--output_dir: {e}") from None
 
 
 # --------------------------------------------------------------------------- logging

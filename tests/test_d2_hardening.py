@@ -4,6 +4,7 @@ launch workers), skipped bad images, EXIF-aligned labels, atomic checkpoints, ru
 import argparse
 import errno
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,41 @@ def test_eval_only_needs_a_checkpoint(toy_root, tmp_path, monkeypatch):
     monkeypatch.setenv("ITPN_TOY_ROOT", str(toy_root))
     with pytest.raises(ConfigError, match="--eval-only with an empty train.init_checkpoint"):
         tool_main(["--config-file", TOY, "--eval-only", f"train.output_dir={tmp_path}"])
+
+
+def test_weak_config_values_get_one_line(tmp_path, monkeypatch):
+    for overrides, message in (
+            (["optimizer.lr=abc"], "optimizer.lr='abc': must be a number > 0"),
+            (["optimizer.lr=0"], "optimizer.lr=0: must be a number > 0"),
+            (["optimizer.weight_decay=-1"], "optimizer.weight_decay=-1: must be a number >= 0")):
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+            check_train_config(load_config(TOY, overrides))
+    with pytest.raises(ConfigError, match=re.escape(
+            "override 'train.output_dir=/tmp/é': hydra's override grammar needs this value "
+            "quoted, e.g. \"train.output_dir='/tmp/é'\" on the command line")):
+        load_config(TOY, ["train.output_dir=/tmp/é"])
+    assert load_config(TOY, ["train.output_dir='/tmp/my runs/é'"]).train.output_dir == \
+        "/tmp/my runs/é"
+    cfg = load_config(TOY, [f"train.output_dir={tmp_path}/sub/run"])
+    check_train_config(cfg)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as a read-only folder
+    with pytest.raises(ConfigError, match=f"^train.output_dir='{tmp_path}/sub/run' is not "
+                                          f"writable; choose another train.output_dir or fix "
+                                          f"its permissions$"):
+        check_train_config(cfg)
+
+
+def test_unwritable_output_folder_is_one_error(tmp_path, monkeypatch):
+    from itpn_d2.checkpoint import OutputDirError
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(OutputDirError, match=f"^output folder {tmp_path / 'run'} is not "
+                                             f"writable \\(Read-only file system\\); choose "
+                                             f"another output folder$"):
+        lock_run_dir(tmp_path / "run")
 
 
 def test_training_does_not_replace_a_finished_run(tmp_path):

@@ -251,6 +251,20 @@ def test_stale_temporaries_lock_and_log_without_duplicates(images, tmp_path, cap
             == [{k: v for k, v in e.items() if k not in drop} for e in logs[1]])
 
 
+def test_unwritable_output_dir_is_one_line(images, tmp_path, monkeypatch, capsys):
+    import errno
+    from pathlib import Path
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert cli(_argv(images, tmp_path / "run", "--epochs", "1")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --output_dir: output folder {tmp_path / 'run'} is not writable (Read-only file "
+        f"system); choose another output folder")
+
+
 def test_a_finished_run_is_not_replaced_without_overwrite(images, tmp_path, capsys):
     out = tmp_path / "run"
     first = main(_argv(images, out, "--epochs", "1"))

@@ -22,7 +22,7 @@ from detectron2.config import LazyConfig
 from detectron2.utils.registry import locate
 
 from ..checkpoint import CheckpointError
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..modeling.itpn import BUILD_ARGS
 
 __all__ = ["CHECK_INPUTS", "ConfigError", "check_train_config", "eval_checkpoint_problem",
@@ -169,8 +169,24 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str] = ()) -> DictConfi
     except Exception as e:  # hydra's grammar errors, OmegaConf type errors
         if type(e).__module__.split(".")[0] not in ("hydra", "omegaconf"):
             raise
+        for item in overrides:  # name the one that fails, with the usual fix
+            key, value = item.split("=", 1)
+            needs_quotes = not value.isascii() or any(c in value for c in " \t,()[]{}'\"")
+            if needs_quotes and value[:1] not in "'\"[{":
+                raise ConfigError(f"override {item!r}: hydra's override grammar needs this "
+                                  f"value quoted, e.g. \"{key}='{value}'\" on the command "
+                                  f"line") from None
         raise ConfigError(f"cannot apply overrides {' '.join(overrides)}: "
-                          f"{type(e).__name__}: {e}") from None
+                          f"{type(e).__name__}: {one_line(e)}") from None
+
+
+def _writable(folder: str) -> bool:
+    """Whether ``folder`` (or, if it does not exist yet, its nearest existing parent) takes
+    new files."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
 
 
 def _select(cfg: DictConfig, key: str, default: Any = None) -> Any:
@@ -216,6 +232,13 @@ def check_train_config(cfg: DictConfig, world_size: int = 1, eval_only: bool = F
                              and 0.0 <= fraction <= 1.0, "train.max_bad_image_fraction",
                              fraction, "must be a fraction in [0, 1]"))
     if not eval_only:
+        for key in ("optimizer.lr", "optimizer.weight_decay"):
+            value = _select(cfg, key)
+            if value is not None:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and value >= 0 and (value > 0 or key != "optimizer.lr")
+                problems.append(_require(ok, key, value, "must be a number > 0" if key ==
+                                         "optimizer.lr" else "must be a number >= 0"))
         batch = _select(cfg, "dataloader.train.total_batch_size")
         if batch is not None:
             ok = _is_int(batch) and batch >= 1 and batch % world_size == 0
@@ -226,6 +249,9 @@ def check_train_config(cfg: DictConfig, world_size: int = 1, eval_only: bool = F
     if out and os.path.exists(out) and not os.path.isdir(out):
         problems.append(f"train.output_dir={out!r} is a file, not a folder; choose another "
                         f"train.output_dir")
+    elif out and not eval_only and not _writable(out):
+        problems.append(f"train.output_dir={out!r} is not writable; choose another "
+                        f"train.output_dir or fix its permissions")
     init = t("init_checkpoint", "")
     if init and "://" not in init:
         if os.path.isdir(init):

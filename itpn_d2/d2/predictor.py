@@ -144,10 +144,15 @@ class Predictor:
         channel order. Returns ``{"instances": ...}`` or ``{"sem_seg": ...}`` (tensors on
         ``self.device``) in the coordinates of the image as given."""
         if isinstance(image, (str, Path)):
-            return self._predict(self.read_image(image))
+            array = self.read_image(image)
+            if 0 in array.shape:
+                raise InputError(f"input image {image} is empty ({array.shape[1]}x"
+                                 f"{array.shape[0]} pixels)")
+            return self._predict(array)
         array = np.asarray(image)
-        if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-            raise ValueError(f"expected an (H, W, 3) uint8 image array, got shape "
+        if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8 \
+                or 0 in array.shape:
+            raise ValueError(f"expected a non-empty (H, W, 3) uint8 image array, got shape "
                              f"{array.shape} and dtype {array.dtype}")
         if self.input_format != self.model_format:
             array = array[:, :, ::-1]
