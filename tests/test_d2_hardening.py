@@ -298,6 +298,14 @@ def test_bad_dataset_json_names_its_file(toy_root, tmp_path, monkeypatch):
     with pytest.raises(UserError, match=rf"dataset 'hardening_bad_json': {bad} is not valid JSON"):
         tool_main(["--config-file", TOY, f"train.output_dir={tmp_path / 'out'}",
                    "dataloader.train.dataset.names=hardening_bad_json"])
+    no_categories = tmp_path / "no_categories.json"
+    no_categories.write_text('{"images": [], "annotations": []}')
+    register_coco_instances("hardening_no_categories", {}, str(no_categories), str(tmp_path))
+    with pytest.raises(UserError, match=rf"^dataset 'hardening_no_categories': {no_categories} "
+                                        rf"has no 'categories'; a COCO instances file needs the "
+                                        rf"lists images, annotations, categories$"):
+        tool_main(["--config-file", TOY, f"train.output_dir={tmp_path / 'out2'}",
+                   "dataloader.train.dataset.names=hardening_no_categories"])
 
 
 # ---------------------------------------------------------------- EXIF

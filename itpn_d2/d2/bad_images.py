@@ -194,9 +194,37 @@ def evaluation_image_errors() -> Iterator[None]:
 
 @contextlib.contextmanager
 def json_errors_named(cfg, split: str) -> Iterator[None]:
-    """Turn a ``JSONDecodeError`` while loading ``dataloader.<split>``'s datasets into a
-    :class:`DatasetError` naming the file (json's own message does not)."""
+    """Turn a ``JSONDecodeError`` while loading ``dataloader.<split>``'s datasets, or the
+    ``KeyError`` of a COCO file without one of its lists, into a :class:`DatasetError` naming
+    the file (the original messages do not)."""
     try:
         yield
     except json.JSONDecodeError as e:
         raise name_bad_json(config_dataset_names(cfg, (split,)), e) from None
+    except KeyError as e:
+        problem = name_incomplete_coco(config_dataset_names(cfg, (split,)))
+        if problem is None:
+            raise
+        raise problem from e
+
+
+COCO_LISTS = ("images", "annotations", "categories")
+
+
+def name_incomplete_coco(names: Sequence[str]) -> Optional[DatasetError]:
+    """A :class:`DatasetError` naming the COCO ``json_file`` of ``names`` that lacks one of
+    :data:`COCO_LISTS` (None: every file has them)."""
+    for name in names:
+        path = MetadataCatalog.get(name).get("json_file") if name in MetadataCatalog.list() \
+            else None
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (TypeError, OSError, ValueError):
+            continue
+        missing = [key for key in COCO_LISTS if key not in data] if isinstance(data, dict) \
+            else list(COCO_LISTS)
+        if missing:
+            return DatasetError(f"dataset {name!r}: {path} has no {', '.join(map(repr, missing))}; "
+                                f"a COCO instances file needs the lists {', '.join(COCO_LISTS)}")
+    return None
