@@ -119,6 +119,17 @@ def test_mismatched_pyramid_is_an_error_naming_keys(tmp_path):
         ITPNCheckpointer(detector()).load(str(tmp_path / "dim32.pth"))
 
 
+def test_checkpoint_of_another_model_names_the_setting(tmp_path):
+    """An itpn_tiny checkpoint into the itpn_nano recipe: one line naming
+    model.backbone.net.name, not a list of 100+ mismatched shapes."""
+    pretrain_checkpoint(tmp_path / "tiny.pth", build_itpn("itpn_tiny", img_size=TOY_IMAGE_SIZE))
+    with pytest.raises(CheckpointError) as err:
+        ITPNCheckpointer(detector()).load(str(tmp_path / "tiny.pth"))
+    assert str(err.value) == (f"{tmp_path / 'tiny.pth'} holds itpn_tiny weights but the config "
+                              f"builds itpn_nano; set model.backbone.net.name=itpn_tiny (or give "
+                              f"a checkpoint of itpn_nano)")
+
+
 def test_architecture_mismatch_with_equal_shapes_is_an_error(tmp_path):
     net = build_itpn("itpn_nano", num_heads=8)  # same tensor shapes as 4 heads
     pretrain_checkpoint(tmp_path / "heads8.pth", net)

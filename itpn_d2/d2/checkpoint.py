@@ -302,6 +302,12 @@ class ITPNCheckpointer(DetectionCheckpointer):
         mismatched = [f"{k}: {tuple(v.shape)} in checkpoint vs {tuple(model_sd[k].shape)} in model"
                       for k, v in sd.items() if k in model_sd and v.shape != model_sd[k].shape]
         arch_diff = self._arch_difference(net, info["metadata"])
+        trained_as = (info["metadata"] or {}).get("model_name")
+        if trained_as in ARCHS and net.model_name in ARCHS and trained_as != net.model_name \
+                and (missing or unexpected or mismatched or arch_diff):
+            raise CheckpointError(
+                f"{path} holds {trained_as} weights but the config builds {net.model_name}; set "
+                f"model.backbone.net.name={trained_as} (or give a checkpoint of {net.model_name})")
         if missing or unexpected or mismatched or arch_diff:
             lines = [f"{path} ({info['kind']}) does not fit the model's backbone/pyramid:"]
             for title, keys in (("missing in checkpoint", missing),
