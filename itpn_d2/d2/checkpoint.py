@@ -306,8 +306,9 @@ class ITPNCheckpointer(DetectionCheckpointer):
         if trained_as in ARCHS and net.model_name in ARCHS and trained_as != net.model_name \
                 and (missing or unexpected or mismatched or arch_diff):
             raise CheckpointError(
-                f"{path} holds {trained_as} weights but the config builds {net.model_name}; set "
-                f"model.backbone.net.name={trained_as} (or give a checkpoint of {net.model_name})")
+                f"{path} holds {trained_as} weights but the config builds {net.model_name}; "
+                f"set model.backbone.net.name={trained_as} (or give a checkpoint of "
+                f"{net.model_name})")
         if missing or unexpected or mismatched or arch_diff:
             lines = [f"{path} ({info['kind']}) does not fit the model's backbone/pyramid:"]
             for title, keys in (("missing in checkpoint", missing),
