@@ -240,7 +240,8 @@ def test_frozen_backbone_and_pyramid_leave_only_the_heads_to_train():
     bb = ITPNBackbone(build_itpn("itpn_nano", drop_path_rate=0.1), freeze_backbone=True,
                       freeze_pyramid=True)
     bb.train()
-    assert not any(m.training for part in (bb.net.backbone, bb.net.pyramid) for m in part.modules())
+    frozen = (bb.net.backbone, bb.net.pyramid)
+    assert not any(m.training for part in frozen for m in part.modules())
     assert get_default_optimizer_params(bb) == []
     assert not any(o.requires_grad for o in bb(torch.randn(1, 3, 64, 64)).values())
     pyramid_only = ITPNBackbone(build_itpn("itpn_nano"), freeze_pyramid=True)
