@@ -137,7 +137,8 @@ def test_export_refuses_random_weights_and_overwriting(tmp_path):
     pretraining = LazyConfig.apply_overrides(LazyConfig.load(str(TOY)),
                                              ["model.backbone.net.img_size=128"])
     with pytest.raises(CheckpointError, match=r"leaves part of the model random: heads \(\d+ "
-                                              r"tensors: proposal_generator\.rpn_head\.\* \(6\), roi_heads\.box"):
+                                              r"tensors: proposal_generator\.rpn_head\.\* "
+                                              r"\(6\), roi_heads\.box"):
         export_model(pretraining, tmp_path / "a",
                      checkpoint=str(zoo_path("itpn_nano_toy_integral")))
     assert not (tmp_path / "a").exists()
