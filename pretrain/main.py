@@ -238,8 +238,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Checks that involve several flags (single flags are checked as they are parsed)."""
+def given_flags(argv: Optional[List[str]]) -> set:
+    """The destinations of the flags written in ``argv`` (not left at their defaults)."""
+    parser = get_args_parser()
+    for action in parser._actions:  # argparse's documented way to tell them apart: SUPPRESS
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def check_args(args: argparse.Namespace, given: Optional[set] = None) -> None:
+    """Checks that involve several flags (single flags are checked as they are parsed);
+    ``given``: the flags written on the command line (:func:`given_flags`)."""
+    if "warmup_epochs" in (given or ()) and args.warmup_epochs > args.epochs:
+        raise SettingsError(f"--warmup_epochs {args.warmup_epochs:g} is longer than --epochs "
+                            f"{args.epochs}: the learning rate would never reach its peak; use "
+                            f"--warmup_epochs <= --epochs")
     if args.min_lr is not None and args.lr is not None and args.min_lr > args.lr:
         raise SettingsError(f"--min_lr {args.min_lr:g} is above --lr {args.lr:g}")
     if args.input_size is not None:
@@ -259,7 +272,7 @@ def main(argv: Optional[List[str]] = None) -> TrainResult:
     """Parse ``argv`` and train; errors propagate (see :func:`cli` for the command line)."""
     args = get_args_parser().parse_args(argv)
     try:
-        check_args(args)
+        check_args(args, given_flags(argv))
     except SettingsError:
         if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports it
             raise PeerStopped() from None

@@ -71,6 +71,11 @@ def test_flag_combinations_and_debug(images, tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err == (
         "error: --input_size 16 with --mask_ratio 0.75: mask_ratio 0.75 leaves 0 of 1 tokens "
         "visible; need at least one visible and one masked token; use a larger --input_size\n")
+    for warmup in (["--warmup_epochs", "5"], ["--warmup_epochs=5"], ["--warmup", "5"]):
+        assert cli(["--model", "itpn_nano", "--epochs", "1", *warmup]) == 2
+        assert capsys.readouterr().err == (
+            "error: --warmup_epochs 5 is longer than --epochs 1: the learning rate would never "
+            "reach its peak; use --warmup_epochs <= --epochs\n")
     (tmp_path / "file").write_text("")
     assert cli(_argv(images, tmp_path / "file")) == 2
     assert capsys.readouterr().err == (f"error: --output_dir {tmp_path / 'file'} is a file, "
