@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import pickle
 import re
@@ -112,6 +113,39 @@ def default_file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+def trim_json_lines(path: PathLike, field: str, below: int, atomic: bool = True) -> int:
+    """Keep the lines of the JSON-lines file ``path`` whose ``field`` is below ``below``, and
+    drop any incomplete line: what a run resumed from a checkpoint at ``below`` will log again.
+
+    ``atomic``: replace the file (a kill leaves the old or the new one); otherwise rewrite it
+    in place, for a file that a writer already holds open for appending (Detectron2's
+    ``JSONWriter``), whose later lines then follow the kept ones. Returns the lines dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            value = int(json.loads(line)[field])
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+            continue
+        if value < below and line.endswith("\n"):
+            keep.append(line)
+    if len(keep) == len(lines):
+        return 0
+    if atomic:
+        tmp = path.with_name(f".{path.name}.trim{TEMP_SUFFIX}")  # removed at the next start
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+    else:
+        with open(path, "r+") as f:
+            f.truncate(0)
+            f.write("".join(keep))
+    return len(lines) - len(keep)
 
 
 def remove_stale_temporaries(folder: PathLike) -> List[Path]:

@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from itpn_d2.checkpoint import (D2_LOAD_FLAGS, TEMP_SUFFIX, CheckpointError, OutputDirError,
                                 check_state_dict, load_checkpoint, lock_run_dir, model_metadata,
-                                remove_stale_temporaries, save_checkpoint)
+                                remove_stale_temporaries, save_checkpoint, trim_json_lines)
 from itpn_d2.errors import UserError
 
 from .config import PretrainConfig
@@ -304,23 +304,7 @@ def trim_log(path: Path, epochs_done: int) -> int:
     or a kill between the log line and the save); the resumed run logs them again. Returns
     the number of lines dropped; the file is replaced atomically.
     """
-    if not path.is_file():
-        return 0
-    lines = path.read_text().splitlines(keepends=True)
-    keep = []
-    for line in lines:
-        try:
-            entry = json.loads(line)
-            epoch = int(entry["epoch"])
-        except (ValueError, KeyError, TypeError):  # a line cut short by a kill
-            continue
-        if epoch < epochs_done and line.endswith("\n"):
-            keep.append(line)
-    if len(keep) != len(lines):
-        tmp = path.with_name(f".{path.name}.trim{TEMP_SUFFIX}")  # removed at the next start
-        tmp.write_text("".join(keep))
-        os.replace(tmp, path)
-    return len(lines) - len(keep)
+    return trim_json_lines(path, "epoch", epochs_done)
 
 
 class Logger:

@@ -155,6 +155,26 @@ def test_resume_continues_from_last_checkpoint(trained, toy_root, monkeypatch):
     assert [m["iteration"] for m in metrics if "total_loss" in m][-1] == 21
 
 
+def test_resume_from_an_earlier_checkpoint_logs_each_iteration_once(trained, toy_root, tmp_path,
+                                                                     monkeypatch):
+    """Iterations logged after the checkpoint resumed from are trained again: their old
+    metrics.json lines go, so every iteration appears once."""
+    import shutil
+
+    monkeypatch.setenv("ITPN_TOY_ROOT", str(toy_root))
+    out = tmp_path / "out"
+    shutil.copytree(trained["out"], out)
+    (out / "last_checkpoint").write_text("model_0000009.pth")  # as if killed after it
+    before = [json.loads(line)["iteration"] for line in (out / "metrics.json").open()]
+    assert max(before) >= 19  # (the other resume test may have trained on)
+    tool_main(["--config-file", str(ROOT / TOY), "--resume", "train.max_iter=12",
+               f"train.output_dir={out}", "train.checkpointer.period=10", "train.eval_period=0",
+               "train.log_period=1", "dataloader.train.total_batch_size=1"])
+    after = [json.loads(line)["iteration"] for line in (out / "metrics.json").open()]
+    assert after == sorted(set(after)) and after[-1] == 11
+    assert [i for i in after if i < 10] == [i for i in before if i < 10]
+
+
 def test_eval_only_prints_coco_ap_tables(trained, toy_root):
     proc, log = run_tool(["--config-file", TOY, "--eval-only",
                           f"train.init_checkpoint={trained['out'] / 'model_final.pth'}",

@@ -36,7 +36,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from itpn_d2.checkpoint import lock_run_dir, remove_stale_temporaries
+from itpn_d2.checkpoint import lock_run_dir, remove_stale_temporaries, trim_json_lines
 from itpn_d2.d2 import ITPNCheckpointer
 from itpn_d2.d2.bad_images import (BadImageHook, evaluation_image_errors,
                                    instantiate_train_loader, json_errors_named)
@@ -134,6 +134,12 @@ def do_train(args, cfg):
 
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    if comm.is_main_process():  # iterations logged after the checkpoint are trained again
+        dropped = trim_json_lines(Path(cfg.train.output_dir) / "metrics.json", "iteration",
+                                  start_iter, atomic=False)  # the JSONWriter holds it open
+        if dropped:
+            logger.info(f"dropped {dropped} line(s) of metrics.json logged after the "
+                        f"checkpoint resumed from (iteration >= {start_iter})")
     trainer.train(start_iter, cfg.train.max_iter)
 
 
