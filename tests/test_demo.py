@@ -78,6 +78,21 @@ def test_headline_numbers_of_results_json(tmp_path):
     assert demo.headline(stages[:1], 1.0)["box_ap"] is None  # e.g. a dry run
 
 
+def test_report_shows_the_committed_study(tmp_path):
+    folder = tmp_path / "results"
+    figures = tmp_path / "figures"
+    assert demo.committed_study(folder, figures) is None  # a checkout without a study
+    folder.mkdir()
+    (folder / "results.md").write_text("# Transfer study: integral vs conventional\n\ntext\n\n"
+                                       "## full fine-tuning (`full`)\n\n| a | b |\n")
+    (folder / "transfer_study.png").write_bytes(b"\x89PNG fake")
+    study = demo.committed_study(folder, figures)
+    assert study.splitlines()[0] == "## Transfer study: integral vs conventional"
+    assert "\n### full fine-tuning (`full`)\n" in study
+    assert study.rstrip().endswith("![transfer study](figures/transfer_study.png)")
+    assert (figures / "transfer_study.png").read_bytes() == b"\x89PNG fake"
+
+
 def test_demo_dry_run_lists_every_stage_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "demo"
     assert demo.main(demo.parse_args(["--output", str(out), "--dry-run", "--device", "cpu"],

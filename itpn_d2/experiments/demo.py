@@ -50,6 +50,9 @@ SEG_CONFIG = "configs/toy/upernet_itpn_nano.py"
 MODEL = "itpn_nano"
 SHIPPED = "itpn_nano_toy_integral"  # the shipped checkpoint fine-tuning starts from (--init)
 DET_RESULTS = "inference/coco_instances_results.json"  # under the detection stage's folder
+# The transfer study committed with the checkout (tools/transfer_study.py on the shipped
+# checkpoints; README "Transfer study"): REPORT.md shows it beside the live numbers.
+STUDY_RESULTS = Path("results") / "toy" / "transfer_study"
 
 # Settings of each preset; command-line flags override single values.
 PRESETS: Dict[str, Dict[str, object]] = {
@@ -375,8 +378,24 @@ class Demo(Experiment):
         }
         if not self.args.dry_run:
             (self.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-            (self.out / "REPORT.md").write_text(render_report(summary))
+            study = committed_study(self.repo / STUDY_RESULTS, self.out / "figures")
+            (self.out / "REPORT.md").write_text(render_report(summary, study))
         return summary
+
+
+def committed_study(folder: Path, figures: Path) -> Optional[str]:
+    """The Markdown of the committed transfer study (``folder/results.md``, headings one level
+    down), with its figure copied into ``figures``; None when the checkout has none."""
+    md = folder / "results.md"
+    if not md.is_file():
+        return None
+    text = md.read_text().replace("\n## ", "\n### ").replace("# ", "## ", 1)
+    png = folder / "transfer_study.png"
+    if png.is_file():
+        figures.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(png, figures / "transfer_study.png")
+        text += "\n![transfer study](figures/transfer_study.png)\n"
+    return text
 
 
 def all_background_scores(label_dir: Path, num_classes: int = 6,
@@ -433,7 +452,7 @@ def _init_text(cfg: Dict) -> str:
             f"`itpn_d2/weights/{SHIPPED}.json`)")
 
 
-def render_report(s: Dict) -> str:
+def render_report(s: Dict, study: Optional[str] = None) -> str:
     st, cfg = s["stages"], s["settings"]
     pre = st["pretrain"]["results"]
     det, unt = st["detection"]["results"], st["untrained"]["results"]
@@ -483,6 +502,13 @@ def render_report(s: Dict) -> str:
         "(README, \"Toy evidence\"). Toy runs vary with the seed by many points: the README "
         "gives the range measured over seeds.",
         "",
+    ]
+    if study:
+        lines += [f"The transfer study below was run once and committed with the checkout "
+                  f"(`{STUDY_RESULTS.as_posix()}/`, README \"Transfer study\"); this demo did "
+                  f"not run it. It compares starts and protocols over seeds at this toy scale.",
+                  "", study.rstrip(), ""]
+    lines += [
         "## Figures",
         "",
         "Pretraining loss (log.txt):",
@@ -517,6 +543,7 @@ def render_report(s: Dict) -> str:
     for name, info in st.items():
         lines.append(f"| {name} | {format_duration(info['wall_s'])} | "
                      f"{'yes' if info['reused'] else 'no'} | `{name}/` |")
+
     lines += ["", "## Settings", "", "```json", json.dumps(cfg, indent=2), "```", ""]
     if s["commands"]:
         lines += ["## Commands run", "", "```bash"] + s["commands"] + ["```", ""]
