@@ -104,6 +104,17 @@ def test_demo_dry_run_lists_every_stage_and_writes_nothing(tmp_path, capsys):
                    "dataloader.evaluator.output_dir=", "tools/visualize_semseg.py"):
         assert needle in text, needle
     assert not out.exists()
+    det = [line for line in text.splitlines() if "mask_rcnn_itpn_nano.py" in line
+           and "--eval-only" not in line]
+    freeze = ("model.backbone.freeze_backbone=True", "model.backbone.freeze_pyramid=True")
+    expected = {"full": (), "frozen": freeze[:1], "heads": freeze}[
+        demo.PRESETS["full"]["det_protocol"]]
+    assert len(det) == 1 and tuple(f for f in freeze if f in det[0]) == expected
+    demo.main(demo.parse_args(["--output", str(out), "--dry-run", "--device", "cpu",
+                               "--det-protocol", "heads"], REPO), REPO)
+    det = [line for line in capsys.readouterr().out.splitlines()
+           if "mask_rcnn_itpn_nano.py" in line and "--eval-only" not in line]
+    assert len(det) == 1 and all(f in det[0] for f in freeze)
 
 
 def test_demo_smoke_run_end_to_end_then_reuse(tmp_path):

@@ -41,9 +41,10 @@ from ..data.images import IGNORE_LABEL
 from ..data.toy import TOY_IMAGE_SIZE
 from ..zoo import ZOO_PREFIX, zoo_path
 from .figures import draw_top_detections, montage, plot_loss_curve, upscale
-from .stages import (Experiment, Stage, StageError, d2_eval_progress, d2_overrides,
-                     d2_train_progress, eval_metrics, format_duration, pretrain_progress,
-                     pretrain_summary, python, read_json_lines, resolve_device, toy_size_overrides)
+from .stages import (FREEZE_PROTOCOLS, Experiment, Stage, StageError, d2_eval_progress,
+                     d2_overrides, d2_train_progress, eval_metrics, format_duration,
+                     pretrain_progress, pretrain_summary, python, read_json_lines,
+                     resolve_device, toy_size_overrides)
 
 DET_CONFIG = "configs/toy/mask_rcnn_itpn_nano.py"
 SEG_CONFIG = "configs/toy/upernet_itpn_nano.py"
@@ -61,7 +62,7 @@ PRESETS: Dict[str, Dict[str, object]] = {
         num_train=256, num_val=64, num_pool=1024, num_probe=768, image_size=TOY_IMAGE_SIZE,
         init="shipped",
         pretrain_epochs=3, pretrain_batch=32, pretrain_blr=5e-3, pretrain_warmup=0.3,
-        det_iters=1800, det_batch=4, det_lr=2e-3, det_score_thresh=0.05,
+        det_iters=1800, det_batch=4, det_lr=2e-3, det_score_thresh=0.05, det_protocol="full",
         seg_iters=2000, seg_batch=4, seg_lr=1e-3,
         vis_images=4,
     ),
@@ -71,7 +72,7 @@ PRESETS: Dict[str, Dict[str, object]] = {
         pretrain_epochs=1, pretrain_batch=8, pretrain_blr=5e-3, pretrain_warmup=0,
         # a 4-iteration detector may score every box below 0.05: keep them all, so that the
         # COCO evaluation has predictions to score
-        det_iters=4, det_batch=2, det_lr=1e-3, det_score_thresh=0.0,
+        det_iters=4, det_batch=2, det_lr=1e-3, det_score_thresh=0.0, det_protocol="full",
         seg_iters=4, seg_batch=2, seg_lr=3e-3,
         vis_images=2,
     ),
@@ -115,6 +116,10 @@ def get_parser(repo: Path, description: Optional[str] = None) -> argparse.Argume
     g.add_argument("--det-iters", type=int, help="Mask R-CNN iterations")
     g.add_argument("--det-batch", type=int, help="Mask R-CNN images per iteration")
     g.add_argument("--det-lr", type=float, help="Mask R-CNN AdamW learning rate")
+    g.add_argument("--det-protocol", choices=list(FREEZE_PROTOCOLS),
+                   help="what the Mask R-CNN fine-tuning trains: 'full' everything, 'frozen' the "
+                        "pyramid and heads on the frozen backbone, 'heads' only the heads on the "
+                        "frozen backbone + pyramid")
     g.add_argument("--det-score-thresh", type=float,
                    help="Mask R-CNN's test score threshold (the recipe's: 0.05)")
     g.add_argument("--seg-iters", type=int, help="UPerNet iterations")
@@ -272,13 +277,13 @@ class Demo(Experiment):
         stage = Stage("detection", "fine-tune Mask R-CNN + COCO evaluation",
                       self.out / "detection",
                       {**self.finetune_settings(DET_CONFIG, a.det_iters, a.det_batch, a.det_lr),
-                       "score_thresh": a.det_score_thresh},
+                       "score_thresh": a.det_score_thresh, "protocol": a.det_protocol},
                       outputs=["model_final.pth", DET_RESULTS])
 
         def work(stage: Stage) -> Dict:
             # keep the val predictions (coco_instances_results.json) for the figure
             extra = {"dataloader.evaluator.output_dir": str(stage.out_dir / "inference"),
-                     **self.score_thresh_override()}
+                     **self.score_thresh_override(), **FREEZE_PROTOCOLS[a.det_protocol]}
             self.finetune(stage, DET_CONFIG, a.det_iters, a.det_batch, a.det_lr, "det", extra)
             return self.metrics(stage, ("bbox", "segm"))
 
@@ -452,6 +457,13 @@ def _init_text(cfg: Dict) -> str:
             f"`itpn_d2/weights/{SHIPPED}.json`)")
 
 
+DET_PROTOCOL_TEXT = {
+    "full": "fine-tuned from the pre-trained backbone + pyramid",
+    "frozen": "pyramid and heads trained on the frozen pre-trained backbone",
+    "heads": "heads trained on the frozen pre-trained backbone + pyramid",
+}
+
+
 def render_report(s: Dict, study: Optional[str] = None) -> str:
     st, cfg = s["stages"], s["settings"]
     pre = st["pretrain"]["results"]
@@ -482,8 +494,8 @@ def render_report(s: Dict, study: Optional[str] = None) -> str:
         f"| Mask R-CNN, untrained (pre-trained backbone + pyramid, random heads, 0 iterations) "
         f"| {_fmt(ubox.get('AP'))} | {_fmt(ubox.get('AP50'))} | {_fmt(umask.get('AP'))} "
         f"| {_fmt(umask.get('AP50'))} | | |",
-        f"| Mask R-CNN, fine-tuned {cfg['det_iters']} iterations from the pre-trained "
-        f"backbone + pyramid | {_fmt(box.get('AP'))} | {_fmt(box.get('AP50'))} "
+        f"| Mask R-CNN, {DET_PROTOCOL_TEXT[cfg.get('det_protocol', 'full')]} for "
+        f"{cfg['det_iters']} iterations | {_fmt(box.get('AP'))} | {_fmt(box.get('AP50'))} "
         f"| {_fmt(mask.get('AP'))} | {_fmt(mask.get('AP50'))} | | |",
         f"| UPerNet, fine-tuned {cfg['seg_iters']} iterations | | | | | {_fmt(seg.get('mIoU'))} "
         f"| {_fmt(seg.get('pACC'))} |",

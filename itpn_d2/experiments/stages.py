@@ -43,6 +43,13 @@ from ..runtime import set_omp_wait_policy
 PRETRAIN_CODE = ("pretrain", "itpn_d2/modeling")
 D2_CODE = ("configs", "itpn_d2")
 RECORD = "stage.json"
+# What trains when fine-tuning from a pre-trained start: the detection recipe's overrides.
+FREEZE_PROTOCOLS = {
+    "full": {},  # everything
+    "frozen": {"model.backbone.freeze_backbone": True},  # the pyramid and the heads
+    "heads": {"model.backbone.freeze_backbone": True,  # the heads only
+              "model.backbone.freeze_pyramid": True},
+}
 RECORD_VERSION = 1
 
 # -------------------------------------------------------------------- progress lines

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from ..data.toy import TOY_IMAGE_SIZE, toy_paths
-from .stages import (Experiment, Stage, StageError, d2_overrides, d2_train_progress, eval_history,
-                     eval_metrics, format_duration, mean_std_ci, pretrain_progress,
-                     pretrain_summary, python, resolve_device, toy_size_overrides)
+from .stages import (FREEZE_PROTOCOLS, Experiment, Stage, StageError, d2_overrides,
+                     d2_train_progress, eval_history, eval_metrics, format_duration, mean_std_ci,
+                     pretrain_progress, pretrain_summary, python, resolve_device,
+                     toy_size_overrides)
 
 ARMS = ("integral", "conventional", "scratch", "mim_only")
 # pretrain/main.py settings of each pre-trained arm.
@@ -40,12 +41,7 @@ ARM_LABELS = {
 TOY_CONFIG = "configs/toy/mask_rcnn_itpn_nano.py"
 # Fine-tuning protocols: the recipe's overrides of each ("scarce" also trains on
 # --scarce-dataset).
-PROTOCOLS = {
-    "full": {},
-    "frozen": {"model.backbone.freeze_backbone": True},
-    "heads": {"model.backbone.freeze_backbone": True, "model.backbone.freeze_pyramid": True},
-    "scarce": {},
-}
+PROTOCOLS = {**FREEZE_PROTOCOLS, "scarce": {}}
 PROTOCOL_LABELS = {
     "full": "full fine-tuning",
     "frozen": "frozen backbone (pyramid and heads train)",
