@@ -75,6 +75,58 @@ def test_pretrained_file_goes_through_checkpoint_filter_fn(export):
         assert torch.equal(v, state[k]), k
 
 
+@pytest.mark.parametrize("route", ["checkpoint_path", "pretrained_cfg_overlay"])
+def test_a_detectron2_model_final_loads_its_backbone_and_pyramid(export, tmp_path, route):
+    _, sd = export
+    final = tmp_path / "model_final.pth"
+    torch.save({"model": {**{f"backbone.net.{k}": v for k, v in sd.items()},
+                          "roi_heads.box_predictor.cls_score.weight": torch.zeros(6, 8)},
+                "iteration": 100}, final)
+    for features_only in (False, True):
+        source = {"checkpoint_path": str(final)} if route == "checkpoint_path" else \
+            {"pretrained": True, "pretrained_cfg_overlay": dict(file=str(final))}
+        model = timm.create_model("itpn_nano", img_size=128, features_only=features_only,
+                                  **source)
+        net = model.model if features_only else model
+        assert all(torch.equal(v, sd[k]) for k, v in net.state_dict().items())
+
+
+def test_timm_loading_errors_are_ours(export, tmp_path):
+    from itpn_d2.checkpoint import CheckpointError
+
+    path, _ = export
+    (tmp_path / "garbage.pth").write_bytes(b"garbage" * 10)
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+
+    def overlay(file):
+        return dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(file)))
+
+    for kwargs, message in (
+            (overlay(tmp_path / "garbage.pth"), f"^{tmp_path / 'garbage.pth'} is not a PyTorch "
+                                                f"checkpoint"),
+            (overlay(tmp_path / "nope.pth"), f"^checkpoint file not found: {tmp_path}/nope.pth$"),
+            (overlay(tmp_path / "list.pth"), f"^{tmp_path}/list.pth holds a list, not a "
+                                             f"checkpoint dict$"),
+            (overlay(path), rf"^{path}: the checkpoint was pre-trained at img_size=128, the model "
+                            rf"is built at \(224, 224\): pass img_size=128 to timm.create_model$"),
+            # timm's own reader, then our pre-hook
+            (dict(checkpoint_path=str(path)), r"^the checkpoint was pre-trained at img_size=128"),
+            (dict(checkpoint_path=str(path), img_size=128, fpn_dim=32),
+             r"^\d+ tensors do not fit, e.g. pyramid\."),
+    ):
+        with pytest.raises(CheckpointError, match=message):
+            timm.create_model("itpn_nano", **kwargs)
+    conventional = build_itpn("itpn_nano", img_size=128, pyramid=False)
+    torch.save({"model": conventional.state_dict()}, tmp_path / "conventional.pth")
+    with pytest.raises(CheckpointError, match=r"has no pyramid .*: pass pyramid=False to "):
+        timm.create_model("itpn_nano", img_size=128,
+                          checkpoint_path=str(tmp_path / "conventional.pth"))
+    model = timm.create_model("itpn_nano", img_size=128, pyramid=False, features_only=True,
+                              checkpoint_path=str(tmp_path / "conventional.pth"))
+    assert all(torch.equal(v, conventional.state_dict()[k])
+               for k, v in model.model.state_dict().items())
+
+
 def test_detectron2_adapter_reads_the_same_description():
     pytest.importorskip("detectron2")
     from itpn_d2.d2 import ITPNBackbone
