@@ -16,6 +16,8 @@ from PIL import Image
 
 from detectron2.data import MetadataCatalog
 
+from itpn_d2.checkpoint import CheckpointError
+
 REPO = Path(__file__).resolve().parents[1]
 TOY_CONFIG = "configs/toy/upernet_itpn_nano.py"
 
@@ -151,14 +153,20 @@ def test_train_tool_trains_resumes_and_evaluates_toy_upernet(tmp_path, toy_root,
 def test_visualize_semseg_writes_prediction_and_ground_truth(tmp_path, toy_root, monkeypatch):
     monkeypatch.setenv("ITPN_TOY_ROOT", str(toy_root))
     visualize = _load_tool("visualize_semseg")
+    with pytest.raises(CheckpointError, match="no weights: give --checkpoint model_final.pth "
+                                              r"\(or --allow-random-weights"):
+        visualize.main(["--config-file", str(REPO / TOY_CONFIG), "--num-images", "1",
+                        "--output", str(tmp_path), "--device", "cpu", "--checkpoint", ""])
     written = visualize.main(["--config-file", str(REPO / TOY_CONFIG), "--num-images", "1",
-                              "--output", str(tmp_path), "--device", "cpu"])
+                              "--output", str(tmp_path), "--device", "cpu", "--checkpoint", "",
+                              "--allow-random-weights"])
     assert [p.name for p in written] == ["000000.png"]
     assert Image.open(written[0]).size == (256, 128)  # prediction | ground truth
     image = tmp_path / "photo.jpg"
     Image.new("RGB", (80, 60), (200, 30, 30)).save(image)
     written = visualize.main(["--config-file", str(REPO / TOY_CONFIG), "--input", str(image),
-                              "--output", str(tmp_path / "vis"), "--device", "cpu"])
+                              "--output", str(tmp_path / "vis"), "--device", "cpu",
+                              "--allow-random-weights"])
     assert Image.open(written[0]).size == (80, 60)
 
     image = np.full((64, 128, 3), 100, np.uint8)

@@ -19,14 +19,14 @@ import torch
 import detectron2.data.transforms as T
 from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.detection_utils import convert_image_to_rgb, read_image
+from detectron2.data.detection_utils import convert_image_to_rgb
 from PIL import Image
 
-from itpn_d2.d2 import ITPNCheckpointer
 from itpn_d2.d2.bad_images import json_errors_named
+from itpn_d2.d2.checkpoint import load_for_inference
 from itpn_d2.d2.cli import InputFileError
 from itpn_d2.d2.config import ConfigError, load_config
-from itpn_d2.d2.data import config_dataset_names, prepare_datasets
+from itpn_d2.d2.data import config_dataset_names, prepare_datasets, read_image
 from itpn_d2.d2.predictor import draw_instances
 
 
@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--output", default="visualizations", help="output folder")
     p.add_argument("--score-threshold", type=float, default=0.5)
+    p.add_argument("--allow-random-weights", action="store_true",
+                   help="draw even when the weights leave part of the model random")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
     return p.parse_args(argv)
@@ -70,8 +72,8 @@ def main(argv=None):
     paths, metadata = images_and_metadata(cfg, args)
 
     model = instantiate(cfg.model).to(args.device).eval()
-    ITPNCheckpointer(model).load(args.checkpoint if args.checkpoint is not None
-                                 else cfg.train.init_checkpoint)
+    load_for_inference(model, args.checkpoint if args.checkpoint is not None
+                       else cfg.train.get("init_checkpoint", ""), args.allow_random_weights)
     augs = T.AugmentationList([instantiate(a) for a in cfg.dataloader.test.mapper.augmentations])
     fmt = model.input_format
 

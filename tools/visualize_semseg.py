@@ -26,11 +26,11 @@ from PIL import Image
 
 from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.detection_utils import read_image
 
-from itpn_d2.d2 import ITPNCheckpointer
+from itpn_d2.d2.checkpoint import load_for_inference
 from itpn_d2.d2.cli import InputFileError
 from itpn_d2.d2.config import ConfigError, load_config
+from itpn_d2.d2.data import read_image
 from itpn_d2.d2.predictor import draw_sem_seg
 from itpn_d2.d2.semseg_data import align_label, exif_orientation, read_label_png
 
@@ -40,13 +40,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, help="LazyConfig recipe")
     parser.add_argument("--checkpoint", default=None,
-                        help="weights (default: the config's train.init_checkpoint; none: "
-                             "random heads, useful only for testing)")
+                        help="weights (default: the config's train.init_checkpoint)")
     parser.add_argument("--input", nargs="*", default=None, help="image files")
     parser.add_argument("--num-images", type=int, default=4,
                         help="without --input: images of the test dataset to draw")
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--opacity", type=float, default=0.5, help="mask opacity")
+    parser.add_argument("--allow-random-weights", action="store_true",
+                        help="draw even when the weights leave part of the model random")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="key=value config overrides")
     return parser.parse_args(argv)
@@ -80,8 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
 
     model = instantiate(cfg.model).to(args.device).eval()
     checkpoint = args.checkpoint if args.checkpoint is not None else cfg.train.init_checkpoint
-    if checkpoint:
-        ITPNCheckpointer(model, check_inputs="warn").load(checkpoint)
+    load_for_inference(model, checkpoint, args.allow_random_weights, check_inputs="warn")
     mapper = instantiate(cfg.dataloader.test.mapper)
 
     out_dir = Path(args.output)

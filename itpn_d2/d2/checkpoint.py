@@ -427,6 +427,27 @@ class ITPNCheckpointer(DetectionCheckpointer):
         return True
 
 
+RANDOM_WEIGHTS_FLAG = "--allow-random-weights"
+
+
+def load_for_inference(model, checkpoint: Optional[str], allow_random: bool = False,
+                       check_inputs: str = "error") -> Optional[ITPNCheckpointer]:
+    """Load ``checkpoint`` into ``model`` for inference or export: a
+    :class:`~itpn_d2.checkpoint.CheckpointError` when there is none or it leaves part of the
+    model random, unless ``allow_random`` (the tools' ``--allow-random-weights``)."""
+    if not checkpoint:
+        if not allow_random:
+            raise CheckpointError(f"no weights: give --checkpoint model_final.pth (or "
+                                  f"{RANDOM_WEIGHTS_FLAG} to run with random weights)")
+        logger.warning("no checkpoint: the model has random weights")
+        return None
+    checkpointer = ITPNCheckpointer(model, check_inputs=check_inputs)
+    checkpointer.load(checkpoint)
+    if not allow_random:
+        checkpointer.require_trained(f"{RANDOM_WEIGHTS_FLAG} / allow_random=True")
+    return checkpointer
+
+
 class ZooHandler(PathHandler):
     """``itpn-zoo://<name>``: a checkpoint shipped with the package (:mod:`itpn_d2.zoo`), for
     Detectron2's ``PathManager`` (registered by ``import itpn_d2.d2``)."""

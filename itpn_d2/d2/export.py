@@ -27,7 +27,7 @@ from ..export import (EXPORT_MULTIPLE, EXPORT_SIZE_RANGE, EXPORT_TOLERANCE, Expo
                       check_diffs, check_export_size, compare_at_sizes, export_onnx,
                       export_program, onnx_runner, trace_torchscript)
 from .backbone import ITPNBackbone
-from .checkpoint import ITPNCheckpointer
+from .checkpoint import load_for_inference
 
 __all__ = ["EXPORT_FORMATS", "BackboneOutputs", "detector_adapter", "export_model"]
 
@@ -74,11 +74,7 @@ def _load_model(cfg, checkpoint: Optional[str], device: str, allow_random: bool)
                           "model_final.pth that training wrote (or allow random weights: "
                           "--allow-random-weights, allow_random=True)")
     model = instantiate(cfg.model).to(device).eval()
-    if checkpoint:
-        checkpointer = ITPNCheckpointer(model, check_inputs="warn")
-        checkpointer.load(checkpoint)
-        if not allow_random:
-            checkpointer.require_trained("--allow-random-weights / allow_random=True")
+    load_for_inference(model, checkpoint, allow_random, check_inputs="warn")
     if not isinstance(getattr(model, "backbone", None), ITPNBackbone):
         raise ExportError("the config's model.backbone is not an ITPNBackbone; export_model "
                           "exports iTPN recipes (configs/)")
