@@ -49,12 +49,13 @@ def _clip_teacher_file(name: str, workdir: Path) -> Tuple[str, str]:
 def bench_pretrain(args, device: torch.device) -> List[Result]:
     """One optimizer step of training, :func:`pretrain.engine.train_step` itself, on a fixed
     synthetic batch already on the device (no data loading), per ``--mfm`` mode."""
-    from pretrain.config import PretrainConfig
+    from pretrain.config import PretrainConfig, resolve_config
     from pretrain.data import normalize
-    from pretrain.engine import (DistInfo, Trainer, build_optimizer, build_schedule,
-                                 resolve_config, train_step)
+    from pretrain.distributed import DistInfo
+    from pretrain.engine import Trainer, train_step
     from pretrain.main import get_args_parser
     from pretrain.models import build_pretrain_model
+    from pretrain.optim import build_optimizer, build_schedule
 
     results = []
     clip_name = args.clip_teacher

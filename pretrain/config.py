@@ -2,7 +2,7 @@
 
 Field names are the flags' (MAE's names: ``blr``, ``accum_iter``, ``warmup_epochs`` ...); the
 flags' ranges are checked where they are parsed (``pretrain/main.py``). ``world_size`` and
-``eff_batch_size`` are derived by :func:`pretrain.engine.resolve_config`, which also fills the
+``eff_batch_size`` are derived by :func:`resolve_config`, which also fills the
 ``None`` defaults that depend on the device or the data (``input_size``, ``lr``, ``amp``,
 ``num_workers``). Checkpoints store :meth:`PretrainConfig.to_dict` (plain values, loadable with
 ``weights_only``) under ``args``; :meth:`PretrainConfig.from_dict` reads it back.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -19,7 +20,13 @@ import torch
 
 from itpn_d2.checkpoint import _plain
 
+from .distributed import DistInfo
+from .flags import SettingsError
+from .gpu_data import check_decode_device
+
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_INPUT_SIZE = 224
+TOY_INPUT_SIZE = 128  # the toy images' native size
 
 
 @dataclass(frozen=True)
@@ -118,4 +125,34 @@ class PretrainConfig:
         return AMP_DTYPES.get(self.amp or "off")
 
 
-__all__ = ["PretrainConfig", "AMP_DTYPES"]
+def resolve_config(config: PretrainConfig, info: DistInfo,
+                   device: torch.device) -> PretrainConfig:
+    """Fill derived settings (effective batch, absolute lr, AMP, workers) and check the rest."""
+    input_size = config.input_size
+    if input_size is None:
+        input_size = TOY_INPUT_SIZE if config.data_path is None else DEFAULT_INPUT_SIZE
+    if input_size % 16:
+        raise SettingsError(f"--input_size must be a multiple of 16, got {input_size}")
+    if not 0.0 < config.mask_ratio < 1.0:
+        raise SettingsError(f"--mask_ratio must be in (0, 1), got {config.mask_ratio}")
+    for key in ("batch_size", "accum_iter", "epochs"):
+        if getattr(config, key) < 1:
+            raise SettingsError(f"--{key} must be >= 1, got {getattr(config, key)}")
+    eff_batch = config.batch_size * config.accum_iter * info.world_size
+    amp = config.amp or ("bf16" if device.type == "cuda" else "off")
+    if amp == "fp16" and device.type != "cuda":
+        raise SettingsError("--amp fp16 needs a CUDA device; use --amp bf16 or off on the CPU")
+    decode = config.decode or "cpu"
+    check_decode_device(decode, device)
+    num_workers = config.num_workers
+    if num_workers is None:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        cores = (os.cpu_count() or 1) // max(per_node, 1)
+        num_workers = min(8, cores) if device.type == "cuda" else 0
+    return config.replace(
+        input_size=input_size, world_size=info.world_size, eff_batch_size=eff_batch,
+        lr=config.blr * eff_batch / 256 if config.lr is None else config.lr, amp=amp,
+        device=str(device), decode=decode, num_workers=num_workers)
+
+
+__all__ = ["PretrainConfig", "AMP_DTYPES", "resolve_config"]

@@ -1,108 +1,52 @@
-"""Training loop: schedules, AMP, gradient accumulation, DDP, checkpoints, exact resume, logging.
+"""Training loop: AMP, gradient accumulation, DDP, progress at log points and epoch ends.
 
 :func:`train` is :func:`setup` (settings, data, model, optimizer, resumed state), then
 :func:`train_one_epoch` per epoch, each a sequence of :func:`train_step` (one optimizer step;
 ``tools/benchmark.py`` times this same function), then :func:`end_epoch` (``log.txt``,
-reconstruction grid, :func:`save_training_state`). Messages go to the ``pretrain`` logger:
-progress on stdout, notes on stderr.
-
-Counting: a *step* is one optimizer update (``accum_iter`` data iterations). An epoch has
-``steps_per_epoch = (images per process // batch_size) // accum_iter`` steps; leftover images
-of an epoch are not used. The learning rate follows a per-step linear warm-up over
-``warmup_epochs`` then a cosine decay to ``min_lr``; the EMA momentum follows a cosine from
-``ema_momentum`` to 1 over all steps.
-
-Checkpoints (rank 0, atomic) hold the iTPN ``model`` state dict plus the metadata of
-:func:`itpn_d2.checkpoint.model_metadata`, ``decoder``, ``mfm_heads``, ``teacher`` (the EMA
-backbone; ``None`` for the frozen CLIP teacher, which is reloaded from ``--teacher_checkpoint``),
-``optimizer``, ``scaler``, ``epoch`` (the epoch in progress, 0-based), ``iter_in_epoch`` (data
-iterations of that epoch already consumed, 0 at an epoch boundary), ``step``, ``args``, the random
-states of every rank (``rng``: torch, CUDA, numpy, python and the masking generator) and the
-running sums of the epoch in progress. Because the data order and augmentation follow
-``(seed, epoch, position)`` (see :mod:`pretrain.data`), a resumed run continues exactly where the
-interrupted one stopped, also in the middle of an epoch.
-
-Interruptions and failures: rank 0 holds :func:`~itpn_d2.checkpoint.lock_run_dir` on
-``output_dir`` (a second run into it stops; the lock ends with the process), removes temporaries
-of interrupted saves at the start, and trims ``log.txt`` to the epochs of the checkpoint it
-resumes (so no epoch is logged twice). A full disk while saving stops training with
-:class:`~itpn_d2.errors.DiskFullError` and keeps the last complete checkpoint. With several
-processes, an error in one rank stops all ranks together (:func:`raise_if_any_failed`) and is
-reported once.
+reconstruction grid, :func:`~pretrain.checkpointing.save_training_state`). Derived settings,
+schedules, checkpoints, the process group and logs are in :mod:`pretrain.config`,
+:mod:`pretrain.optim`, :mod:`pretrain.checkpointing`, :mod:`pretrain.distributed` and
+:mod:`pretrain.logs` (``__all__`` re-exports the names imported from here before the split).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
-import os
-import random
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from itpn_d2.checkpoint import (D2_LOAD_FLAGS, TEMP_SUFFIX, CheckpointError, OutputDirError,
-                                check_state_dict, load_checkpoint, lock_run_dir, model_metadata,
-                                remove_stale_temporaries, save_checkpoint, trim_json_lines)
+from itpn_d2.checkpoint import load_checkpoint
 from itpn_d2.errors import UserError
 
-from .config import PretrainConfig
+from .checkpointing import (LAST, ResumeError, ResumeState, _checkpoint_names,
+                            _prepare_output_dir, _seed_everything, check_resume_compatible,
+                            find_resume, load_training_state, restore_training_state,
+                            save_training_state, set_rng_state)
+from .config import PretrainConfig, resolve_config
 from .data import DataError, ResumableSampler, build_dataset, normalize
-from .gpu_data import GPUDecoder, build_encoded_dataset, check_decode_device, collate_encoded
-from .models import (PATCH_SIZE, EMATeacher, PretrainModel, SettingsError,
-                     build_pretrain_model, decoder_size, ema_momentum, random_masking)
+from .distributed import (DistInfo, PeerStopped, all_reduce_mean, init_distributed,
+                          raise_if_any_failed)
+from .gpu_data import GPUDecoder, build_encoded_dataset, collate_encoded
+from .logs import EpochMeter, Logger, setup_logging, trim_log
+from .models import (PATCH_SIZE, EMATeacher, PretrainModel, build_pretrain_model, ema_momentum,
+                     random_masking)
+from .optim import Schedule, build_optimizer, build_schedule, lr_at, param_groups
 from .visualize import reconstruction_grid, save_image
 
 log = logging.getLogger(__name__)
 
-LAST = "checkpoint-last.pth"
-DEFAULT_INPUT_SIZE = 224
-TOY_INPUT_SIZE = 128  # the toy images' native size
-# Settings that change the networks: a checkpoint made with other values cannot be resumed.
-ARCH_ARGS = ("model", "input_size", "pyramid", "rpe", "fpn_depth", "layer_scale_init", "mfm",
-             "mfm_loss")
-# Settings that fix which images a step sees: resuming in the middle of an epoch needs them equal.
-LAYOUT_ARGS = ("batch_size", "accum_iter", "world_size", "seed")
-
-
-class ResumeError(CheckpointError):
-    """The checkpoint to resume from belongs to another model or incompatible settings."""
-
 
 class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite."""
-
-
-class PeerStopped(UserError):
-    """Another process of a multi-process job failed; that process reports the error."""
-
-
-def raise_if_any_failed(error: Optional[BaseException], info: "DistInfo") -> None:
-    """Collective: stop every rank together when any rank failed (no rank waits forever).
-
-    The lowest failing rank raises its own ``error`` (so the job prints it once); the other
-    ranks raise :class:`PeerStopped`.
-    """
-    if info.world_size > 1:
-        failed: List[Any] = [None] * info.world_size
-        dist.all_gather_object(failed, error is not None)
-        first = next((r for r, f in enumerate(failed) if f), None)
-        if first is not None and first != info.rank:
-            raise PeerStopped(f"rank {first} stopped with an error")
-    if error is not None:
-        raise error
 
 
 @dataclass
@@ -116,406 +60,7 @@ class TrainResult:
     checkpoint: Optional[Path] = None
 
 
-# --------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    initialized_here: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_arg: Optional[str]) -> Tuple[DistInfo, torch.device]:
-    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device_name = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
-    if world <= 1:
-        device = torch.device(device_name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise SettingsError("--device cuda requested but CUDA is not available; "
-                                "use --device cpu")
-        return DistInfo(), device
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if device_name.startswith("cuda"):
-        torch.cuda.set_device(info.local_rank)
-        device, backend = torch.device("cuda", info.local_rank), "nccl"
-    else:
-        device, backend = torch.device(device_name), "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend)
-        info.initialized_here = True
-    return info, device
-
-
-def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.world_size > 1:
-        values = values.clone()
-        dist.all_reduce(values)
-        values /= info.world_size
-    return values
-
-
-# --------------------------------------------------------------------------- schedules
-
-
-def lr_at(step: int, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def param_groups(model: PretrainModel, weight_decay: float) -> List[Dict[str, Any]]:
-    """Trainable parameters split into decay / no-decay (norms, biases, positions, layer scale,
-    mask tokens). Teacher parameters are frozen and not included."""
-    skip = set(model.no_weight_decay_names())
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: PretrainModel, config: PretrainConfig,
-                    device: torch.device) -> torch.optim.AdamW:
-    """AdamW (fused where the device has the kernels) over :func:`param_groups`."""
-    groups = param_groups(model, config.weight_decay)
-    kwargs = dict(lr=config.lr, betas=tuple(config.opt_betas))
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    except (RuntimeError, ValueError):  # fused kernels unavailable for this device / dtype
-        return torch.optim.AdamW(groups, foreach=True, **kwargs)
-
-
-# --------------------------------------------------------------------------- random states
-
-
-def rng_state(mask_gen: torch.Generator, device: torch.device) -> Dict[str, Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-        "python": random.getstate(),
-        "mask": mask_gen.get_state(),
-    }
-
-
-def set_rng_state(state: Dict[str, Any], mask_gen: torch.Generator, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    mask_gen.set_state(state["mask"])
-
-
-def gather_rng_states(state: Dict[str, Any], info: DistInfo) -> List[Dict[str, Any]]:
-    if info.world_size == 1:
-        return [state]
-    states: List[Any] = [None] * info.world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def find_resume(config: PretrainConfig) -> Optional[Path]:
-    """The checkpoint to continue from (None: a new run). A new run, or one resumed from
-    another run's file, must not replace the checkpoint-last.pth of the run in output_dir
-    unless ``--overwrite`` says so (resuming one of that run's own snapshots may)."""
-    last = Path(config.output_dir) / LAST
-    path = None
-    if config.resume:
-        path = Path(config.resume).expanduser()
-        if not path.is_file():
-            raise ResumeError(f"--resume: checkpoint not found: {path}")
-    elif config.auto_resume and last.is_file():
-        path = last
-    if last.is_file() and not config.overwrite \
-            and (path is None or not path.parent.samefile(last.parent)):
-        raise ResumeError(f"--output_dir {config.output_dir} holds a pretraining run ({LAST}); "
-                          f"pass --auto_resume to continue it, --overwrite to replace it, or "
-                          f"choose another --output_dir")
-    return path
-
-
-def check_resume_compatible(ckpt: Dict[str, Any], config: PretrainConfig, path: Path) -> None:
-    """One :class:`ResumeError` naming every architecture setting that differs."""
-    old, args = ckpt.get("args"), config.to_dict()
-    if not isinstance(old, dict) or "decoder" not in ckpt:
-        raise ResumeError(f"{path} is not a pretraining checkpoint of pretrain/main.py "
-                          f"(no 'args'/'decoder'); it cannot be resumed")
-    diffs = [f"{k}: checkpoint {old.get(k)!r} vs now {args.get(k)!r}"
-             for k in ARCH_ARGS if old.get(k) != args.get(k)]
-    if args["mfm"] == "clip" and old.get("teacher") != args.get("teacher"):
-        diffs.append(f"teacher: checkpoint {old.get('teacher')!r} vs now {args.get('teacher')!r}")
-    if not diffs:  # the same model: its decoder sizes are known
-        before, now = decoder_size(PretrainConfig.from_dict(old)), decoder_size(config)
-        if tuple(before) != tuple(now):
-            diffs.append(f"decoder size: checkpoint {tuple(before)} vs now {tuple(now)} "
-                         f"(dim, depth, heads, mfm_dim, mfm_heads)")
-    if diffs:
-        raise ResumeError(f"cannot resume from {path}: it was trained with other settings:\n  "
-                          + "\n  ".join(diffs))
-
-
-def load_training_state(ckpt: Dict[str, Any], model: PretrainModel, path: Path) -> None:
-    parts = [(model.encoder, ckpt["model"], "model"), (model.decoder, ckpt["decoder"], "decoder"),
-             (model.mfm_heads, ckpt.get("mfm_heads") or {}, "mfm_heads")]
-    if isinstance(model.teacher, EMATeacher):
-        if ckpt.get("teacher") is None:
-            raise ResumeError(f"{path} has no EMA teacher state")
-        parts.append((model.teacher.backbone, ckpt["teacher"], "teacher"))
-    for module, sd, what in parts:
-        check_state_dict(module, sd, f"{path} [{what}]")
-        module.load_state_dict(sd)
-
-
-def _lock_output_dir(out_dir: Path):
-    """:func:`~itpn_d2.checkpoint.lock_run_dir` with one-line errors for unusable folders."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SettingsError(f"--output_dir {out_dir} is a file, not a folder")
-    try:
-        return lock_run_dir(out_dir)
-    except OutputDirError as e:
-        raise SettingsError(f"--output_dir: {e}") from None
-
-
-# --------------------------------------------------------------------------- logging
-
-
-def trim_log(path: Path, epochs_done: int) -> int:
-    """Drop the ``log.txt`` lines of epochs ``>= epochs_done`` and any incomplete line.
-
-    An interrupted run may have logged epochs after its last checkpoint (``--save_every`` > 1,
-    or a kill between the log line and the save); the resumed run logs them again. Returns
-    the number of lines dropped; the file is replaced atomically.
-    """
-    return trim_json_lines(path, "epoch", epochs_done)
-
-
-class Logger:
-    """log.txt (JSON lines per epoch), TensorBoard scalars, and a progress bar, on rank 0."""
-
-    def __init__(self, config: PretrainConfig, info: DistInfo, total: int, initial: int):
-        self.enabled = info.is_main
-        self.out = Path(config.output_dir)
-        self.tb = None
-        self.bar = None
-        if not self.enabled:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            tb_dir = Path(config.log_dir or self.out) / "tensorboard"
-            self.tb = SummaryWriter(log_dir=str(tb_dir))
-        except ImportError:
-            log.warning("tensorboard is not installed: no TensorBoard scalars")
-        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                        disable=None, file=sys.stderr)
-        self.plain = self.bar.disable  # no terminal: print a line per log interval instead
-
-    def step(self, values: Dict[str, float], step: int, epoch: int, eta_s: float, n: int) -> None:
-        if not self.enabled:
-            return
-        if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(f"train/{k}", v, step)
-        if self.plain:
-            log.info(f"epoch {epoch} step {step}: loss {values['loss']:.4f} mim "
-                     f"{values['mim']:.4f} mfm {values['mfm']:.4f} lr {values['lr']:.3e} "
-                     f"{values['img_per_s']:.1f} img/s eta {_fmt_time(eta_s)}")
-        else:
-            self.bar.update(n)
-            self.bar.set_postfix(epoch=epoch, loss=f"{values['loss']:.4f}",
-                                 img_s=f"{values['img_per_s']:.1f}", lr=f"{values['lr']:.2e}")
-
-    def epoch(self, stats: Dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.out / "log.txt", "a") as f:
-            f.write(json.dumps(stats) + "\n")
-        if self.tb is not None:
-            for k, v in stats.items():
-                if k.startswith("train_"):
-                    self.tb.add_scalar(f"epoch/{k[6:]}", v, stats["epoch"])
-            self.tb.flush()
-        msg = (f"epoch {stats['epoch']} done: loss {stats['train_loss']:.4f} "
-               f"(mim {stats['train_mim']:.4f}, mfm {stats['train_mfm']:.4f}), "
-               f"{stats['img_per_s']:.1f} img/s")
-        if self.plain:
-            log.info(msg)
-        else:
-            self.bar.write(msg)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-# --------------------------------------------------------------------------- console
-
-
-class _ConsoleHandler(logging.Handler):
-    """Messages as plain lines: INFO on stdout, warnings on stderr. The stream is looked up at
-    each message, so redirections (``contextlib.redirect_stderr``, pytest's capture) see it."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
-        stream.write(self.format(record) + "\n")
-        stream.flush()
-
-
-def setup_logging() -> logging.Logger:
-    """The ``pretrain`` logger with its console handler (added once)."""
-    logger = logging.getLogger("pretrain")
-    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
-        logger.addHandler(_ConsoleHandler())
-        logger.setLevel(logging.INFO)
-        logger.propagate = False  # one line per message, whatever the root logger holds
-    return logger
-
-
 # --------------------------------------------------------------------------- setup
-
-
-def resolve_config(config: PretrainConfig, info: DistInfo,
-                   device: torch.device) -> PretrainConfig:
-    """Fill derived settings (effective batch, absolute lr, AMP, workers) and check the rest."""
-    input_size = config.input_size
-    if input_size is None:
-        input_size = TOY_INPUT_SIZE if config.data_path is None else DEFAULT_INPUT_SIZE
-    if input_size % 16:
-        raise SettingsError(f"--input_size must be a multiple of 16, got {input_size}")
-    if not 0.0 < config.mask_ratio < 1.0:
-        raise SettingsError(f"--mask_ratio must be in (0, 1), got {config.mask_ratio}")
-    for key in ("batch_size", "accum_iter", "epochs"):
-        if getattr(config, key) < 1:
-            raise SettingsError(f"--{key} must be >= 1, got {getattr(config, key)}")
-    eff_batch = config.batch_size * config.accum_iter * info.world_size
-    amp = config.amp or ("bf16" if device.type == "cuda" else "off")
-    if amp == "fp16" and device.type != "cuda":
-        raise SettingsError("--amp fp16 needs a CUDA device; use --amp bf16 or off on the CPU")
-    decode = config.decode or "cpu"
-    check_decode_device(decode, device)
-    num_workers = config.num_workers
-    if num_workers is None:
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        cores = (os.cpu_count() or 1) // max(per_node, 1)
-        num_workers = min(8, cores) if device.type == "cuda" else 0
-    return config.replace(
-        input_size=input_size, world_size=info.world_size, eff_batch_size=eff_batch,
-        lr=config.blr * eff_batch / 256 if config.lr is None else config.lr, amp=amp,
-        device=str(device), decode=decode, num_workers=num_workers)
-
-
-def _prepare_output_dir(out_dir: Path, info: DistInfo, stack: contextlib.ExitStack) -> None:
-    """Rank 0: one run per output folder, then clean up after interrupted saves."""
-    if info.is_main:
-        stack.enter_context(_lock_output_dir(out_dir))
-        for tmp in remove_stale_temporaries(out_dir):
-            log.warning(f"removed {tmp.name}, left by an interrupted checkpoint save")
-
-
-def _seed_everything(seed: int, device: torch.device) -> torch.Generator:
-    """Seeds the global generators; returns the masking generator (CPU, saved in checkpoints)."""
-    if device.type == "cuda":  # fixed input size; TF32 for the fp32 matmuls autocast leaves
-        # Autotuning may pick other kernels in another run: off where runs must repeat bit
-        # for bit (torch.use_deterministic_algorithms, as the CUDA exact-resume test does).
-        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    random.seed(seed)
-    return torch.Generator().manual_seed(seed + 1_000_003)
-
-
-@dataclass
-class Schedule:
-    """Step counts of a run (see the module docstring)."""
-
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-    end_step: int  # total_steps, or --max_steps when smaller
-
-
-def build_schedule(config: PretrainConfig, samples_per_rank: int) -> Schedule:
-    steps_per_epoch = samples_per_rank // config.batch_size // config.accum_iter
-    total = steps_per_epoch * config.epochs
-    end = min(total, config.max_steps) if config.max_steps else total
-    return Schedule(steps_per_epoch, total, int(round(config.warmup_epochs * steps_per_epoch)),
-                    end)
-
-
-@dataclass
-class ResumeState:
-    """Where training continues: 0 everywhere for a new run."""
-
-    epoch: int = 0
-    iter_in_epoch: int = 0  # data iterations of ``epoch`` already consumed
-    step: int = 0
-    meter: Optional[Dict[str, Any]] = None  # running sums of the interrupted epoch
-    rng: Optional[Dict[str, Any]] = None  # this rank's random states
-
-
-def restore_training_state(ckpt: Dict[str, Any], path: Path, config: PretrainConfig,
-                           info: DistInfo, optimizer: torch.optim.Optimizer,
-                           scaler: torch.amp.GradScaler, steps_per_epoch: int) -> ResumeState:
-    """Optimizer, scaler and position of a checkpoint (the networks are loaded already).
-
-    If the data layout changed (batch size, accumulation, world size, seed, steps per epoch),
-    training restarts at the beginning of the interrupted epoch; in the middle of one that is
-    an error, since other images would follow.
-    """
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    state = ResumeState(ckpt["epoch"], ckpt.get("iter_in_epoch", 0), ckpt["step"])
-    old, now = ckpt["args"], config.to_dict()
-    changed = [k for k in LAYOUT_ARGS if old.get(k) != now.get(k)]
-    changed += ["steps_per_epoch"] if ckpt.get("steps_per_epoch") != steps_per_epoch else []
-    if changed and state.iter_in_epoch:
-        raise ResumeError(
-            f"cannot resume {path} in the middle of epoch {state.epoch}: "
-            f"{', '.join(changed)} differ from the interrupted run")
-    if changed:
-        state.step = state.epoch * steps_per_epoch
-        log.warning(f"note: {', '.join(changed)} changed; resuming at the start of epoch "
-                    f"{state.epoch} (step {state.step})")
-    else:
-        state.meter = ckpt.get("epoch_meter")
-        states = ckpt.get("rng") or []
-        if len(states) == info.world_size:
-            state.rng = states[info.rank]
-    notes = sorted(k for k in old if k not in ARCH_ARGS + LAYOUT_ARGS and k in now
-                   and old[k] != now[k]
-                   and k not in ("resume", "auto_resume", "overwrite", "max_steps"))
-    if info.is_main:
-        log.info(f"resuming from {path}: epoch {state.epoch}, step {state.step}"
-                 + (f"; settings now different: {', '.join(notes)}" if notes else ""))
-    return state
 
 
 @dataclass
@@ -730,19 +275,6 @@ def check_finite(values: torch.Tensor, steps: List[int], epoch: int,
             f"Try a lower --blr, --clip_grad, or --amp bf16 instead of fp16.")
 
 
-@dataclass
-class EpochMeter:
-    """Running sums of an epoch (rank-averaged in checkpoints, so a resumed mean is exact)."""
-
-    sums: torch.Tensor  # loss, mim, mfm summed over steps
-    count: int = 0
-    bad: int = 0  # unreadable images
-
-    def state(self, info: DistInfo) -> Dict[str, Any]:
-        return {"sums": all_reduce_mean(self.sums, info).cpu().tolist(), "count": self.count,
-                "bad": self.bad}
-
-
 def _image_batches(trainer: Trainer, loader_iter: Iterator, meter: EpochMeter, epoch: int,
                    errors: List[DataError]) -> Iterator[torch.Tensor]:
     """Normalised images on the device; counts unreadable images against --max_bad_fraction."""
@@ -799,60 +331,6 @@ def train_one_epoch(trainer: Trainer, epoch: int, step: int, step_log: StepLog
             break
     batches.close()
     return step, meter, iters
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_dict(trainer: Trainer, epoch: int, iter_in_epoch: int, step: int,
-                    meter: Dict[str, Any], rng: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """What a checkpoint holds (see the module docstring); ``args`` is a plain dict."""
-    model = trainer.model
-    return {
-        **model_metadata(trainer.config.model, model.encoder.model_overrides),
-        **D2_LOAD_FLAGS,  # stock Detectron2 loads "model" into backbone.net
-        "model": model.encoder.state_dict(),
-        "decoder": model.decoder.state_dict(),
-        "mfm_heads": model.mfm_heads.state_dict(),
-        "teacher": model.teacher_state(),
-        "optimizer": trainer.optimizer.state_dict(),
-        "scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None,
-        "epoch": epoch, "iter_in_epoch": iter_in_epoch, "step": step,
-        "steps_per_epoch": trainer.schedule.steps_per_epoch,
-        "args": trainer.config.to_dict(),
-        "rng": rng,
-        "epoch_meter": meter,
-    }
-
-
-def save_training_state(trainer: Trainer, epoch: int, iter_in_epoch: int, step: int,
-                        meter: Dict[str, Any], names: List[str]) -> None:
-    """Collective: rank 0 writes the checkpoint under each of ``names``; an error there (a
-    full disk) stops every rank and the last good file stays."""
-    info = trainer.info
-    states = gather_rng_states(rng_state(trainer.mask_gen, trainer.device), info)
-    error = None
-    if info.is_main:
-        try:
-            obj = checkpoint_dict(trainer, epoch, iter_in_epoch, step, meter, states)
-            for name in names:
-                save_checkpoint(obj, trainer.out_dir / name)
-        except Exception as e:
-            error = e
-    raise_if_any_failed(error, info)
-    trainer.last_ckpt = trainer.out_dir / LAST
-
-
-def _checkpoint_names(config: PretrainConfig, epoch: int, stop: bool) -> List[str]:
-    """The files to write after ``epoch``, in order: a kept snapshot before ``LAST``, so that a
-    kill between the two leaves ``LAST`` at the epoch before, whose resume writes the snapshot
-    again (the other order would resume past a snapshot never written)."""
-    names = []
-    if config.keep_every and (epoch + 1) % config.keep_every == 0:
-        names.append(f"checkpoint-{epoch}.pth")
-    if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs or stop:
-        names.append(LAST)
-    return names
 
 
 # --------------------------------------------------------------------------- training
@@ -966,4 +444,5 @@ def write_reconstruction(trainer: Trainer, images: torch.Tensor, path: Path) -> 
 
 __all__ = ["train", "train_step", "train_one_epoch", "setup", "resolve_config", "Trainer",
            "TrainResult", "ResumeError", "TrainingDiverged", "PeerStopped", "trim_log", "lr_at",
-           "param_groups", "init_distributed", "LAST"]
+           "param_groups", "init_distributed", "LAST", "DistInfo", "build_optimizer",
+           "build_schedule", "setup_logging"]

@@ -23,7 +23,7 @@ from itpn_d2.checkpoint import (CONVERT_COMMAND, D2_LOAD_FLAGS, CheckpointError,
                                 model_metadata, save_checkpoint)
 from itpn_d2.errors import DiskFullError, UserError, run_cli
 
-from .engine import load_training_state
+from .checkpointing import load_training_state
 from .models import PretrainModel, build_pretrain_model
 
 TRAINING_ONLY = ("drop_path_rate", "use_checkpoint")
@@ -66,7 +66,8 @@ def load_pretrain_model(path: Union[str, Path]) -> Tuple[PretrainModel, Dict[str
     """Encoder + pixel decoder of a pretraining checkpoint, in eval mode, and its settings.
 
     The model is built with ``mfm="none"`` (no teacher, no MFM heads: reconstruction does not use
-    them) and loaded as a resumed run loads it (:func:`pretrain.engine.load_training_state`).
+    them) and loaded as a resumed run loads it
+    (:func:`pretrain.checkpointing.load_training_state`).
 
     Args:
         path: a checkpoint written by ``pretrain/main.py`` (an exported backbone has no decoder).

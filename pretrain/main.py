@@ -11,10 +11,9 @@ Examples (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
-from typing import Any, Callable, List, Optional
+from typing import List, Optional
 
 from itpn_d2.runtime import set_omp_wait_policy
 
@@ -25,44 +24,14 @@ if "torch" not in sys.modules:
 
 from itpn_d2.errors import DEBUG_ENV, EXIT_USER_ERROR, run_cli  # noqa: E402
 from pretrain.engine import PeerStopped, TrainResult, train  # noqa: E402
+from pretrain.flags import device_type, number_type  # noqa: E402
 from pretrain.gpu_data import DECODE_CHOICES  # noqa: E402
 from pretrain.models import (DECODER_SIZES, MFM_LOSSES, MFM_MODES, SettingsError,  # noqa: E402
                              num_visible)
 
 
 # --------------------------------------------------------------------------- flag types
-# argparse turns the ArgumentTypeError of a type= helper into "argument --flag: <message>".
-
-
-def number_type(kind: type, low: Optional[float] = None, high: Optional[float] = None,
-            low_open: bool = False, high_open: bool = True,
-            multiple_of: Optional[int] = None) -> Callable[[str], Any]:
-    """A ``type=`` helper: ``kind(text)`` within ``[low, high)`` (ends per ``*_open``)."""
-    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
-    if low is not None and high is not None:
-        want = f"in {lo}{low}, {high}{hi}"
-    elif low is not None:
-        want = f"{'>' if low_open else '>='} {low}"
-    else:
-        want = "a number"
-    if multiple_of:
-        want = f"a multiple of {multiple_of}, {want}"
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-        bad = not math.isfinite(value)
-        bad |= low is not None and (value < low or (low_open and value == low))
-        bad |= high is not None and (value > high or (high_open and value == high))
-        bad |= bool(multiple_of) and value % multiple_of != 0
-        if bad:
-            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
-        return value
-
-    return parse
+# number_type / device_type are in pretrain.flags (visualize.py uses them too).
 
 
 POSITIVE_INT = number_type(int, 1)
@@ -70,16 +39,6 @@ COUNT = number_type(int, 0)  # >= 0
 FRACTION = number_type(float, 0, 1)  # [0, 1)
 POSITIVE = number_type(float, 0, low_open=True)
 NON_NEGATIVE = number_type(float, 0)
-
-
-def device_type(text: str) -> str:
-    import torch
-
-    try:
-        torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}") from None
-    return text
 
 
 # A rank that stops silently (rank 0 reports the error) waits this long before it exits:

@@ -56,14 +56,11 @@ from itpn_d2.modeling.layers import (AttentionBlock, LayerNorm, gather_tokens, i
 
 from .config import PretrainConfig
 from .data import denormalize
+from .flags import SettingsError
 
 LEVEL_SUBS = (4, 2, 1)  # sub-grid side of each pyramid level, strides 4, 8, 16
 MFM_MODES = ("ema", "clip", "none")
 MFM_LOSSES = ("smooth_l1", "cosine")
-
-
-class SettingsError(UserError, ValueError):
-    """A pretraining flag value, or a combination of them, that cannot work."""
 
 
 class TeacherError(UserError, ValueError):

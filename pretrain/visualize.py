@@ -26,6 +26,8 @@ from itpn_d2.errors import UserError, disk_full_message, run_cli
 from itpn_d2.modeling.hivit import PATCH_SIZE
 
 from .data import DataError, center_crop, denormalize, normalize, to_uint8_tensor
+from .export import load_pretrain_model
+from .flags import device_type, number_type
 from .models import PretrainModel, num_visible, patchify, random_masking, unpatchify
 
 GAP = 2  # pixels of white between tiles
@@ -77,10 +79,6 @@ def load_image(path: Union[str, Path], size: int) -> torch.Tensor:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    # pretrain.main and pretrain.export import pretrain.engine, which imports this module.
-    from .export import load_pretrain_model
-    from .main import device_type, number_type
-
     p = argparse.ArgumentParser(description="Original / masked / reconstruction grid of a "
                                             "pretraining checkpoint on some images.")
     p.add_argument("checkpoint", help="pretraining checkpoint (pretrain/main.py)")

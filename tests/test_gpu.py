@@ -67,7 +67,7 @@ def test_pretrain_checkpoint_and_exact_resume_on_cuda(toy_root, tmp_path):
     # What is tested is the resumed state (weights, optimizer, RNGs, data order), so kernels
     # that sum in a varying order (atomics; fused attention backward) are kept out: the math
     # attention, deterministic algorithms, cuBLAS with a fixed workspace (gpu_check sets
-    # CUBLAS_WORKSPACE_CONFIG), and no cuDNN autotuning (pretrain.engine turns it off).
+    # CUBLAS_WORKSPACE_CONFIG), and no cuDNN autotuning (pretrain.checkpointing turns it off).
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     torch.use_deterministic_algorithms(True, warn_only=True)

@@ -291,12 +291,12 @@ def test_a_kill_between_the_saves_of_an_epoch_loses_no_kept_snapshot(images, tmp
                                                                      monkeypatch):
     """With --keep_every 1 an epoch writes two files; a kill after the first must not leave a
     checkpoint-last.pth that resumes past a snapshot never written."""
-    import pretrain.engine as engine
+    import pretrain.checkpointing as checkpointing  # save_training_state calls save_checkpoint
 
     class Killed(BaseException):  # not an Exception: nothing in the loop may catch it
         pass
 
-    save, written = engine.save_checkpoint, []
+    save, written = checkpointing.save_checkpoint, []
 
     def save_then_die(obj, path):
         if len(written) == 3:  # the second file of the second epoch
@@ -304,7 +304,7 @@ def test_a_kill_between_the_saves_of_an_epoch_loses_no_kept_snapshot(images, tmp
         written.append(path.name)
         save(obj, path)
 
-    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_die)
     argv = _argv(images, tmp_path, "--epochs", "3", "--keep_every", "1", "--auto_resume")
     with pytest.raises(Killed):
         main(argv)
@@ -312,7 +312,7 @@ def test_a_kill_between_the_saves_of_an_epoch_loses_no_kept_snapshot(images, tmp
     last, kept = (load_checkpoint(tmp_path / n) for n in ("checkpoint-last.pth",
                                                            "checkpoint-0.pth"))
     assert last["step"] == kept["step"] == 4  # epoch 0's state
-    monkeypatch.setattr(engine, "save_checkpoint", save)
+    monkeypatch.setattr(checkpointing, "save_checkpoint", save)
     main(argv)  # resumes after epoch 0
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pth")) == [
         "checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-2.pth", "checkpoint-last.pth"]
