@@ -47,3 +47,56 @@ def test_target_install_imports_from_another_folder(tmp_path):
                           capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
     assert (elsewhere / "toy" / "meta.json").is_file()
+
+
+def _module_imports(path: Path, package: str) -> set:
+    """Modules of ``package`` that ``path`` imports when it runs (type-checking-only imports
+    under ``if TYPE_CHECKING:`` do not count)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    found = set()
+
+    def visit(node):
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.ImportFrom):
+            name = node.module or ""
+            if node.level == 1:
+                name = f"{package}.{name}" if name else package
+            if name == package:  # from . import x / from pretrain import x
+                found.update(f"{package}.{a.name}" for a in node.names)
+            elif name.startswith(package + "."):
+                found.add(name)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith(package + "."))
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def test_pretrain_has_no_import_cycle():
+    package = REPO / "pretrain"
+    graph = {f"pretrain.{p.stem}": _module_imports(p, "pretrain")
+             for p in package.glob("*.py") if p.stem != "__init__"}
+    assert "pretrain.engine" in graph and graph["pretrain.engine"]
+
+    def cycle_from(start):
+        stack = [(start, [start])]
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph.get(node, ()):
+                if nxt == start:
+                    return path + [nxt]
+                if nxt not in path:
+                    stack.append((nxt, path + [nxt]))
+        return None
+
+    cycles = [c for m in graph if (c := cycle_from(m))]
+    assert not cycles, cycles
+    assert max(len(p.read_text().splitlines()) for p in package.glob("*.py")) <= 600
+    assert len((package / "engine.py").read_text().splitlines()) < 450
