@@ -48,7 +48,7 @@ setup(
     entry_points={
         "console_scripts": [
             # The same functions as python pretrain/main.py and python tools/<name>.py.
-            "itpn-pretrain = pretrain.main:cli",
+            "itpn-pretrain = pretrain.launch:cli",
             "itpn-export-backbone = pretrain.export:cli",
             "itpn-visualize-reconstruction = pretrain.visualize:cli",
             "itpn-make-toy = itpn_d2.data.toy:cli",

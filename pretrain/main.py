@@ -17,10 +17,8 @@ from typing import List, Optional
 
 from itpn_d2.runtime import set_omp_wait_policy
 
-if "torch" not in sys.modules:
-    # A command line (this script or the itpn-pretrain entry point, which imports this module
-    # first): OpenMP reads the setting when the imports below load torch.
-    set_omp_wait_policy()
+if __name__ == "__main__":  # `python pretrain/main.py`: OpenMP reads it when torch loads below
+    set_omp_wait_policy()  # (itpn-pretrain does the same in pretrain.launch; imports do not)
 
 from itpn_d2.errors import DEBUG_ENV, EXIT_USER_ERROR, run_cli  # noqa: E402
 from pretrain.engine import PeerStopped, TrainResult, train  # noqa: E402
