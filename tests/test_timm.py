@@ -143,3 +143,27 @@ def test_detectron2_adapter_reads_the_same_description():
     assert (shapes["p6"].channels, shapes["p6"].stride) == (256, 64)
     concat = itpn_feature_shapes("itpn_tiny", concat_stages=True)
     assert [concat[k].channels for k in ("p2", "p3", "p4", "p5")] == [352, 448, 640, 640]
+
+
+def test_timm_optimizer_factory_and_grad_checkpointing_use_the_models_conventions():
+    """create_optimizer_v2 with layer decay reads group_matcher / no_weight_decay: its LR
+    scales follow ITPN.layer_id and pos_embed gets no weight decay."""
+    from timm.optim import create_optimizer_v2
+
+    model = timm.create_model("itpn_nano", img_size=64)
+    opt = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    ids = {id(p): n for n, p in model.named_parameters()}
+    top = model.backbone.num_layers  # the pyramid's id: full LR, as in the Detectron2 recipes
+    for group in opt.param_groups:
+        for p in group["params"]:
+            name = ids[id(p)]
+            assert group["lr_scale"] == pytest.approx(0.5 ** (top - model.layer_id(name)))
+            if name == "backbone.pos_embed":
+                assert group["weight_decay"] == 0.0
+    assert model.no_weight_decay() == {"backbone.pos_embed"}
+    model.set_grad_checkpointing()
+    assert model.backbone.use_checkpoint
+    x = torch.randn(1, 3, 64, 64, requires_grad=True)
+    model.train()
+    sum(o.sum() for o in model(x)).backward()  # checkpointed blocks still give gradients
+    assert x.grad is not None and model.backbone.blocks[0].attn.qkv.weight.grad is not None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -130,6 +130,18 @@ class ITPN(nn.Module):
         """Parameters that take no weight decay beyond norms and biases (which callers add)."""
         names = ["backbone." + n for n in self.backbone.no_weight_decay_names()]
         return names + [n for n, _ in self.named_parameters() if n.endswith(".gamma")]
+
+    # timm's model conventions (its optimizer factory and training scripts call these)
+    def no_weight_decay(self) -> Set[str]:
+        return set(self.no_weight_decay_names())
+
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], Tuple[int]]:
+        """Parameter name -> ``(layer id,)``, the grouping of timm's layer-wise LR decay: the
+        same ids as :meth:`layer_id` (``coarse`` changes nothing: the ids are per block)."""
+        return lambda name: (self.layer_id(name),)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.use_checkpoint = enable
 
 
 # --------------------------------------------------------------------------- arch table
