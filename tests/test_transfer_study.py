@@ -43,6 +43,7 @@ def _settings():
     return {"config_file": study.TOY_CONFIG, "iters": 150, "batch": 4, "lr": 1e-3,
             "seeds": [0, 1, 2], "evals": 3, "model": "itpn_nano", "pretrain_epochs": 12,
             "pretrain_batch": 32, "protocols": ["full", "frozen"],
+            "arms": ["integral", "conventional", "scratch"], "integral_checkpoint": "/x/a.pth",
             "iters_of": {"full": 150, "frozen": 100, "heads": 150, "scarce": 150}}
 
 
@@ -116,6 +117,8 @@ def test_markdown_table_verdicts_and_plot(tmp_path):
     full, frozen = md.split("## frozen backbone")
     assert "## full fine-tuning (`full`)" in full
     assert "150 iterations (frozen: 100) at batch 4" in full
+    assert ("pre-trained arms: integral from `a.pth`; conventional pre-trained here (`itpn_nano`, "
+            "12 epochs at batch 32)") in full
     assert "| integral (backbone + pyramid, MIM + MFM) | 3 | 12.0 ± 2.0 (7.0, 17.0)" in full
     assert "| integral - scratch | box AP | +6.0 (+3.5, +8.5) | +6.0, +7.0, +5.0 |" in full
     assert "**Verdict: go: integral beat(s) scratch" in full

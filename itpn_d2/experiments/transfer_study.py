@@ -473,6 +473,18 @@ def render_protocol(protocol: str, summary: Dict, verdict_: Dict) -> List[str]:
     return lines + [""]
 
 
+def pretraining_text(st: Dict) -> str:
+    """How the pre-trained arms of the settings ``st`` were made."""
+    given = {arm: st.get(f"{arm}_checkpoint") for arm in PRETRAIN_MODES
+             if arm in st["arms"] and st.get(f"{arm}_checkpoint")}
+    made = [arm for arm in PRETRAIN_MODES if arm in st["arms"] and arm not in given]
+    parts = [f"{arm} from `{Path(path).name}`" for arm, path in given.items()]
+    if made:
+        parts.append(f"{', '.join(made)} pre-trained here (`{st['model']}`, "
+                     f"{st['pretrain_epochs']} epochs at batch {st['pretrain_batch']})")
+    return "pre-trained arms: " + "; ".join(parts) if parts else "no pre-trained arm"
+
+
 def render_markdown(summary: Dict) -> str:
     st = summary["settings"]
     lines = [
@@ -480,9 +492,8 @@ def render_markdown(summary: Dict) -> str:
         "",
         f"Recipe `{st['config_file']}`, "
         f"{iteration_text(st['iters_of'], st['protocols'])} at batch {st['batch']}, "
-        f"lr {st['lr']}, seeds {st['seeds']}, {st['evals']} evaluations per run; pretraining "
-        f"`{st['model']}`, {st['pretrain_epochs']} epochs at batch {st['pretrain_batch']} for "
-        f"every pre-trained arm"
+        f"lr {st['lr']}, seeds {st['seeds']}, {st['evals']} evaluations per run; "
+        + pretraining_text(st)
         + (f"; `scarce` trains on `{st['scarce_dataset']}`" if "scarce" in st["protocols"]
            else "")
         + f". Took {format_duration(summary['wall_s'])} (cached runs count as 0).",
