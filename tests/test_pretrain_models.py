@@ -137,6 +137,31 @@ def test_pretrain_model_losses_for_every_mode(tiny_clip):
             assert torch.allclose(out.loss.detach(), out.mim + out.mfm)
 
 
+def test_the_loss_is_norm_pix_mse_over_masked_patches_plus_weighted_mfm():
+    """Pinned by hand: the MIM term is the MSE between the decoder's predictions and each masked
+    16 x 16 patch normalised to zero mean / unit (unbiased) variance, visible patches
+    excluded; the total adds mfm_weight x the MFM term."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    masks = random_masking(2, 16, 0.75, torch.Generator().manual_seed(0))
+    model = build_pretrain_model(_args(mfm="ema", mfm_weight=0.25))
+    preds = []
+    model.decoder.register_forward_hook(lambda module, inputs, out: preds.append(out))
+    out = model(x, masks)
+    (pred,) = preds
+    assert pred.shape == (2, 12, 16 * 16 * 3)  # masked patches only: 12 of 16
+    target = torch.empty_like(pred)
+    for b in range(2):
+        for j, index in enumerate(masks.ids_mask[b].tolist()):
+            row, col = divmod(index, 4)
+            patch = x[b, :, 16 * row:16 * row + 16, 16 * col:16 * col + 16]
+            values = patch.permute(1, 2, 0).reshape(-1)  # (row, column, channel) order
+            target[b, j] = (values - values.mean()) / (values.var() + 1e-6).sqrt()
+    mim = ((pred - target) ** 2).mean()
+    assert torch.allclose(out.mim, mim, rtol=1e-5)
+    assert out.mfm > 0 and torch.allclose(out.loss.detach(), mim + 0.25 * out.mfm, rtol=1e-5)
+
+
 def test_clip_teacher_targets(tiny_clip):
     import open_clip
 
