@@ -98,12 +98,18 @@ def test_large_input_resizes_position_tables_and_uses_sdpa(monkeypatch):
 
 
 def test_detector_layer_ids_are_the_nets(toy_detector):
-    """Inside ``backbone.net.`` the net's own ids (tested in test_modeling), heads get
-    ``num_layers``; ``module.`` (DDP) names get the same LR factors."""
-    net = toy_detector.backbone.net
+    """Layer ids of the detector's parameters against a hand-written table; ``module.`` (DDP)
+    names get the same LR factors."""
+    # itpn_nano (one MLP block per early stage, 4 attention blocks), by hand: patch embedding 0,
+    # stride-4 block 1, merge 2, stride-8 block 3, merge 4, pos_embed and attention blocks 5-8,
+    # the pyramid and the heads 9 (no decay)
+    table = [("backbone.net.backbone.patch_embed.", 0), ("backbone.net.backbone.stage4.0.", 1),
+             ("backbone.net.backbone.merge4to8.", 2), ("backbone.net.backbone.stage8.0.", 3),
+             ("backbone.net.backbone.merge8to16.", 4), ("backbone.net.backbone.pos_embed", 5),
+             *((f"backbone.net.backbone.blocks.{i}.", 5 + i) for i in range(4)),
+             ("backbone.net.pyramid.", 9), ("", 9)]
     for name, _ in toy_detector.named_parameters():
-        rest = name[len("backbone.net."):]
-        want = net.layer_id(rest) if name.startswith("backbone.net.") else 9
+        want = next(layer for prefix, layer in table if name.startswith(prefix))
         assert itpn_layer_id(toy_detector, name) == want, name
     plain = itpn_lr_factor_func(toy_detector, 0.5)
     wrapped = itpn_lr_factor_func(torch.nn.DataParallel(toy_detector), 0.5)

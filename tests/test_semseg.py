@@ -81,6 +81,32 @@ def test_upernet_head_shapes_and_loss():
     assert aux.loss_weight == 0.4
 
 
+def test_upernet_loss_value_with_ignored_pixels_and_class_weights():
+    """Pinned by hand: loss_weight x the class-weighted mean of -log p(label) over the pixels
+    that are not ignored (the weighted mean divides by the weights of those pixels)."""
+    torch.manual_seed(0)
+    shapes = {f"p{i}": ShapeSpec(channels=8, stride=2 ** i) for i in (2, 3, 4, 5)}
+    head = UPerNetHead(shapes, num_classes=3, channels=8, norm="", dropout=0.0,
+                       loss_weight=0.7, class_weight=[0.2, 1.0, 2.0])
+    feats = {k: torch.randn(1, 8, 32 // s.stride, 32 // s.stride) for k, s in shapes.items()}
+    targets = torch.randint(0, 3, (1, 32, 32))
+    targets[0, :10] = 255
+    head.eval()
+    logits, _ = head(feats)  # the same upsampling as the loss's
+    head.train()
+    _, losses = head(feats, targets)
+    log_p = torch.log_softmax(logits[0], dim=0)
+    weights = torch.tensor([0.2, 1.0, 2.0])
+    num = den = 0.0
+    for y in range(32):
+        for x in range(32):
+            t = int(targets[0, y, x])
+            if t != 255:
+                num += -weights[t] * log_p[t, y, x]
+                den += weights[t]
+    assert losses["loss_sem_seg"].item() == pytest.approx(0.7 * float(num / den), rel=1e-5)
+
+
 # -------------------------------------------------------------------------- inference
 
 
