@@ -217,6 +217,12 @@ def test_arch_table_builders():
         assert model.model_name == name
         assert len(model.backbone.blocks) == arch["depth"]
         assert model.backbone.embed_dim == arch["embed_dim"]
+        # the paper's sizes of HiViT-B / -L (79M / 288M, rounded; its relative position
+        # tables, rpe=True, are not built here): within 2%
+        published = {"itpn_base": 79e6, "itpn_large": 288e6}.get(name)
+        if published:
+            params = sum(p.numel() for p in model.backbone.parameters())
+            assert abs(params - published) / published < 0.02, (name, params)
 
 
 def test_layer_ids():
