@@ -301,15 +301,25 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     return obj
 
 
+def state_dict_differences(expected: Mapping[str, torch.Tensor],
+                           given: Mapping[str, torch.Tensor]
+                           ) -> Tuple[List[str], List[str], List[str]]:
+    """Keys of ``expected`` missing from ``given``, keys of ``given`` not in ``expected``, and
+    keys in both whose shapes differ (the one strict-loading check of the project)."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    mismatched = [k for k in expected
+                  if k in given and tuple(given[k].shape) != tuple(expected[k].shape)]
+    return missing, unexpected, mismatched
+
+
 def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
                      what: str = "checkpoint") -> None:
     """Raise one :class:`CheckpointError` naming every missing, unexpected or mis-shaped key."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [f"{k}: {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-                  for k, v in expected.items()
-                  if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    missing, unexpected, bad = state_dict_differences(expected, state_dict)
+    mismatched = [f"{k}: {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in bad]
     if missing or unexpected or mismatched:
         lines = [f"{what} does not fit the model (another architecture or size?)"]
         for title, keys in (("missing", missing), ("unexpected", unexpected),

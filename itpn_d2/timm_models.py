@@ -32,7 +32,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import FeatureGetterNet
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, state_dict_differences
 from .convert import convert_official_state_dict, is_official_state_dict
 from .modeling import ITPN, build_itpn
 
@@ -62,8 +62,7 @@ def _fit_problem(model: ITPN, sd: Mapping[str, torch.Tensor]) -> Optional[str]:
     """Why ``sd`` does not fit ``model`` (None: it does), with the ``create_model`` argument
     that would fix it where one does."""
     own = model.state_dict()
-    bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    missing = [k for k in own if k not in sd]
+    missing, _, bad = state_dict_differences(own, sd)
     if not bad and not missing:
         return None
     pos = "backbone.pos_embed"

@@ -43,8 +43,8 @@ from fvcore.common.checkpoint import _IncompatibleKeys
 from iopath.common.file_io import PathHandler
 
 from ..checkpoint import (CONVERT_COMMAND, D2_LOAD_FLAGS, METADATA_KEYS, TEMP_SUFFIX,
-                          CheckpointError, default_file_mode, load_checkpoint, metadata_of, model_metadata,
-                          save_checkpoint)
+                          CheckpointError, default_file_mode, load_checkpoint, metadata_of,
+                          model_metadata, save_checkpoint, state_dict_differences)
 from ..convert import PUBLISHED_HEADS, convert_official_state_dict, is_official_state_dict
 from ..modeling import ARCHS, ITPN
 from ..modeling.itpn import itpn_arguments
@@ -296,11 +296,11 @@ class ITPNCheckpointer(DetectionCheckpointer):
         net_keys = [k for k in model_sd if k.startswith(prefix)]
         pyramid_prefix = prefix + "pyramid."
         has_pyramid = any(k.startswith(pyramid_prefix) for k in sd)
-        missing = [k for k in net_keys if k not in sd
-                   and (has_pyramid or not k.startswith(pyramid_prefix))]
+        missing, _, bad = state_dict_differences({k: model_sd[k] for k in net_keys}, sd)
+        missing = [k for k in missing if has_pyramid or not k.startswith(pyramid_prefix)]
         unexpected = [k for k in sd if k not in model_sd]
-        mismatched = [f"{k}: {tuple(v.shape)} in checkpoint vs {tuple(model_sd[k].shape)} in model"
-                      for k, v in sd.items() if k in model_sd and v.shape != model_sd[k].shape]
+        mismatched = [f"{k}: {tuple(sd[k].shape)} in checkpoint vs {tuple(model_sd[k].shape)} in "
+                      f"model" for k in bad]
         arch_diff = self._arch_difference(net, info["metadata"])
         trained_as = (info["metadata"] or {}).get("model_name")
         if trained_as in ARCHS and net.model_name in ARCHS and trained_as != net.model_name \
