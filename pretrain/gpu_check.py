@@ -43,14 +43,6 @@ from itpn_d2.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 GPU_TESTS = "tests/test_gpu.py"
 STATUSES = ("pass", "fail", "error", "skip")
-# Shell lines for the GPU machine of this project (see docs/performance.md, "GPU check").
-INSTALL = """\
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target .site \\
-    .whl/*.whl && export PYTHONPATH=$PWD/.site:$PWD/.d2:$PWD PYTHONUNBUFFERED=1 || exit
-mkdir -p "$OUT" && python3 tools/gpu_check.py --output "$OUT/gpu_check.json" 2>&1 \\
-    | tee "$OUT/gpu_check.log\""""
-
-
 class GPUCheckError(UserError):
     """The check cannot run here (no CUDA device, unknown group)."""
 

@@ -24,6 +24,14 @@ from typing import List, Optional
 from itpn_d2.errors import run_cli
 
 
+# Shell lines for the GPU machine this project is lent (not library code) (see docs/performance.md, "GPU check").
+INSTALL = """\
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target .site \\
+    .whl/*.whl && export PYTHONPATH=$PWD/.site:$PWD/.d2:$PWD PYTHONUNBUFFERED=1 || exit
+mkdir -p "$OUT" && python3 tools/gpu_check.py --output "$OUT/gpu_check.json" 2>&1 \\
+    | tee "$OUT/gpu_check.log\""""
+
+
 def get_parser() -> argparse.ArgumentParser:
     from pretrain.gpu_check import ALL_GROUPS
 
@@ -47,7 +55,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = get_parser().parse_args(argv)
     if args.print_install:
-        print(gc.INSTALL)
+        print(INSTALL)
         return 0
     plan = gc.make_plan(args.quick)
     groups = gc.resolve_groups(args.only)
