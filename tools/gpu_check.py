@@ -24,7 +24,8 @@ from typing import List, Optional
 from itpn_d2.errors import run_cli
 
 
-# Shell lines for the GPU machine this project is lent (not library code) (see docs/performance.md, "GPU check").
+# Shell lines for the GPU machine this project is lent (docs/performance.md, "GPU check"):
+# tooling of this checkout, not library code.
 INSTALL = """\
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target .site \\
     .whl/*.whl && export PYTHONPATH=$PWD/.site:$PWD/.d2:$PWD PYTHONUNBUFFERED=1 || exit
