@@ -386,7 +386,7 @@ class Demo(Experiment):
         }
         if not self.args.dry_run:
             (self.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-            study = committed_study(self.repo / STUDY_RESULTS, self.out / "figures")
+            study = committed_study(self.runner.repo / STUDY_RESULTS, self.out / "figures")
             (self.out / "REPORT.md").write_text(render_report(summary, study))
         return summary
 
