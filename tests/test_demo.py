@@ -169,6 +169,10 @@ def test_demo_smoke_run_end_to_end_then_reuse(tmp_path):
 
     report = (out / "REPORT.md").read_text()
     assert f"{st['detection']['results']['bbox']['AP']:.1f}" in report
+    # the study committed with the checkout, beside the live numbers
+    assert report.index("## Results") < report.index("## Transfer study") \
+        < report.index("## Figures")
+    assert (out / "figures" / "transfer_study.png").read_bytes()[:4] == b"\x89PNG"
     assert f"{st['segmentation']['results']['sem_seg']['mIoU']:.1f}" in report
     for png in ("pretrain_loss.png", "reconstruction.png", "detection_predictions.png",
                 "segmentation_predictions.png"):
