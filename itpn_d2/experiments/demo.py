@@ -57,7 +57,7 @@ STUDY_RESULTS = Path("results") / "toy" / "transfer_study"
 
 # Settings of each preset; command-line flags override single values.
 PRESETS: Dict[str, Dict[str, object]] = {
-    # ~12.5 minutes on 2 idle CPU cores (measured numbers: README.md).
+    # ~7.5 minutes on 2 CPU cores (measured numbers: README.md).
     "full": dict(
         num_train=256, num_val=64, num_pool=1024, num_probe=768, image_size=TOY_IMAGE_SIZE,
         init="shipped",
@@ -89,7 +89,7 @@ def get_parser(repo: Path, description: Optional[str] = None) -> argparse.Argume
     p.add_argument("--output", type=Path, default=Path(repo) / "output" / "demo",
                    help="output folder (default: output/demo)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="full",
-                   help="default sizes: 'full' (~12.5 min on 2 idle CPU cores) or 'smoke' (~1 min)")
+                   help="default sizes: 'full' (~7.5 min on 2 CPU cores) or 'smoke' (~1 min)")
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if available)")
