@@ -49,7 +49,8 @@ def probe_curve(runs: Dict[str, Path], epochs: Sequence[int], output: Path,
             if not snapshot.is_file():
                 continue
             info = snapshot_info(snapshot)
-            sources = [s for s in SOURCES if info["settings"]["pyramid"] != "off" or s[0] == "c"]
+            pyramid = info["settings"]["pyramid"] not in (False, "off")  # "off": older runs
+            sources = [s for s in SOURCES if pyramid or s.startswith("c")]
             out = output / label / f"epoch{epoch}"
             if not (out / "probe.json").is_file():
                 argv = [str(snapshot), "--protocols", "object", "--sources", *sources,

@@ -122,6 +122,7 @@ def check_resume_compatible(ckpt: Dict[str, Any], config: PretrainConfig, path: 
     if not isinstance(old, dict) or "decoder" not in ckpt:
         raise ResumeError(f"{path} is not a pretraining checkpoint of pretrain/main.py "
                           f"(no 'args'/'decoder'); it cannot be resumed")
+    old = {**old, **PretrainConfig.from_dict(old).to_dict()}  # typed as now ("on" -> True)
     diffs = [f"{k}: checkpoint {old.get(k)!r} vs now {args.get(k)!r}"
              for k in ARCH_ARGS if old.get(k) != args.get(k)]
     if args["mfm"] == "clip" and old.get("teacher") != args.get("teacher"):

@@ -366,7 +366,8 @@ def _train(config: PretrainConfig, info: DistInfo, device: torch.device,
     if info.is_main:
         trainer.out_dir.mkdir(parents=True, exist_ok=True)
         n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-        log.info(f"pretraining {config.model} (pyramid {config.pyramid}, mfm {config.mfm}) on "
+        pyramid = "on" if config.pyramid else "off"
+        log.info(f"pretraining {config.model} (pyramid {pyramid}, mfm {config.mfm}) on "
                  f"{len(trainer.dataset)} images from {trainer.dataset.root}; "
                  f"{n_train / 1e6:.2f}M trainable params; effective batch "
                  f"{config.eff_batch_size}, lr {config.lr:.3e}, {schedule.steps_per_epoch} "

@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
+import time
 from typing import Any, Callable, Optional
 
-from itpn_d2.errors import UserError
+from itpn_d2.errors import EXIT_USER_ERROR, UserError
+
+# A rank that stops silently (rank 0 reports the error) waits this long before it exits:
+# torchrun terminates the other processes as soon as one exits, which could cut rank 0 short.
+QUIET_EXIT_DELAY_S = 1.0
 
 
 class SettingsError(UserError, ValueError):
@@ -45,7 +52,45 @@ def number_type(kind: type, low: Optional[float] = None, high: Optional[float] =
             raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
         return value
 
+    parse.checks_range = True  # pretrain.config.validate applies it to values set in code
     return parse
+
+
+def on_off(text: str) -> bool:
+    """``on`` / ``off`` (a ``type=`` helper, also used for checkpoint values) -> bool."""
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"must be on or off, got {text!r}")
+    return text == "on"
+
+
+def wait_for_rank0() -> None:
+    time.sleep(QUIET_EXIT_DELAY_S)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: ...)`` unless the help text already explains the default."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class FlagParser(argparse.ArgumentParser):
+    """Bad flags give one ``error:`` line and exit status 2; under torchrun only rank 0 prints
+    it (every rank parses the same command line)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        if os.environ.get("RANK", "0") == "0":
+            message = message[len("argument "):] if message.startswith("argument ") else message
+            print(f"error: {message} (see --help)", file=sys.stderr)
+        else:
+            wait_for_rank0()
+        sys.exit(EXIT_USER_ERROR)
 
 
 def device_type(text: str) -> str:

@@ -54,13 +54,11 @@ from itpn_d2.modeling.hivit import PATCH_SIZE
 from itpn_d2.modeling.layers import (AttentionBlock, LayerNorm, gather_tokens, init_weights,
                                      sincos_pos_embed_2d)
 
-from .config import PretrainConfig
+from .config import MFM_LOSSES, MFM_MODES, PretrainConfig, num_visible, validate
 from .data import denormalize
 from .flags import SettingsError
 
 LEVEL_SUBS = (4, 2, 1)  # sub-grid side of each pyramid level, strides 4, 8, 16
-MFM_MODES = ("ema", "clip", "none")
-MFM_LOSSES = ("smooth_l1", "cosine")
 
 
 class TeacherError(UserError, ValueError):
@@ -80,14 +78,6 @@ class Masks(NamedTuple):
     ids_keep: torch.Tensor
     ids_mask: torch.Tensor
     mask: torch.Tensor
-
-
-def num_visible(num_tokens: int, mask_ratio: float) -> int:
-    keep = int(num_tokens * (1 - mask_ratio))
-    if not 0 < keep < num_tokens:
-        raise ValueError(f"mask_ratio {mask_ratio} leaves {keep} of {num_tokens} tokens visible; "
-                         f"need at least one visible and one masked token")
-    return keep
 
 
 def random_masking(batch: int, num_tokens: int, mask_ratio: float,
@@ -533,7 +523,7 @@ class PretrainModel(nn.Module):
 def encoder_overrides(config: PretrainConfig) -> Dict[str, Any]:
     """``build_itpn`` overrides recorded in checkpoints for the pretraining settings."""
     out: Dict[str, Any] = {"img_size": config.input_size, "rpe": bool(config.rpe)}
-    if config.use_pyramid:
+    if config.pyramid:
         out["fpn_depth"] = config.fpn_depth
     else:
         out["pyramid"] = False
@@ -557,9 +547,6 @@ def build_teacher(mfm: str, encoder: ITPN, teacher: str = "ViT-B-16",
     """The MFM teacher of ``--mfm`` (``none``: no teacher) for ``encoder``."""
     if mfm == "none":
         return None
-    if encoder.pyramid is None:
-        raise SettingsError(f"--mfm {mfm} supervises the pyramid levels, but --pyramid off "
-                            f"trains without pyramid (the HiViT + MAE baseline): use --mfm none")
     if mfm == "ema":
         return EMATeacher(encoder.backbone)
     if mfm == "clip":
@@ -572,9 +559,7 @@ def build_pretrain_model(config: Union[PretrainConfig, Mapping[str, Any]]) -> Pr
     through :meth:`PretrainConfig.from_dict`)."""
     if not isinstance(config, PretrainConfig):
         config = PretrainConfig.from_dict(config)
-    if config.model not in DECODER_SIZES:
-        raise SettingsError(f"unknown model {config.model!r}; available: "
-                            f"{', '.join(DECODER_SIZES)}")
+    validate(config)
     encoder = build_itpn(config.model, **encoder_overrides(config))
     size = decoder_size(config)
     teacher = build_teacher(config.mfm, encoder, config.teacher, config.teacher_checkpoint)

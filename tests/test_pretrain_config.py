@@ -2,6 +2,7 @@
 before the typed configuration."""
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -14,7 +15,8 @@ from _pretrain_utils import one_thread  # noqa: F401
 from itpn_d2.checkpoint import load_checkpoint, save_checkpoint
 from itpn_d2.data.toy import make_toy_dataset
 from itpn_d2.modeling import ARCHS
-from pretrain.config import PretrainConfig
+from pretrain.config import PretrainConfig, validate
+from pretrain.flags import SettingsError
 from pretrain.engine import (DistInfo, Trainer, build_schedule, lr_at, resolve_config,
                              setup_logging, train_step)
 from pretrain.main import get_args_parser, main
@@ -28,7 +30,11 @@ def test_config_holds_every_flag_in_the_checkpoint_layout():
     added = ["overwrite"]  # flags added after the fixture was written: the rest keeps its order
     assert [k for k in cfg.to_dict() if k not in added] == list(OLD["args"])
     old = PretrainConfig.from_dict(OLD["args"])
-    assert old.to_dict() == {**OLD["args"], "overwrite": False} and old.opt_betas == (0.9, 0.95)
+    # checkpoints from before pyramid became a bool read as one
+    assert OLD["args"]["pyramid"] == "on" and old.pyramid is True
+    assert old.to_dict() == {**OLD["args"], "overwrite": False, "pyramid": True}
+    assert old.opt_betas == (0.9, 0.95)
+    assert PretrainConfig.from_dict({"pyramid": "off"}).pyramid is False
     assert PretrainConfig.from_dict({"model": "itpn_nano", "gone": 1}).model == "itpn_nano"
     with pytest.raises(TypeError, match="new_flag"):  # a flag without a field cannot get lost
         PretrainConfig.from_namespace(argparse.Namespace(**vars(cfg), new_flag=1))
@@ -37,6 +43,30 @@ def test_config_holds_every_flag_in_the_checkpoint_layout():
     assert (resolved.eff_batch_size, resolved.lr, resolved.amp, resolved.input_size) == (
         16, 1.5e-4 * 16 / 256, "off", 224)
     assert resolved.amp_dtype is None and cfg.replace(amp="bf16").amp_dtype == torch.bfloat16
+
+
+def test_the_dataclass_is_the_one_definition_of_flags_defaults_and_ranges(tmp_path, capsys):
+    parser = get_args_parser()
+    flags = {a.dest: a for a in parser._actions if a.dest not in ("help", "debug")}
+    fields = {f.name: f for f in dataclasses.fields(PretrainConfig)}
+    assert set(flags) == set(fields) - {"world_size", "eff_batch_size"}
+    for name, action in flags.items():
+        assert action.default == fields[name].default and action.help, name
+    assert parser.parse_args(["--pyramid", "off"]).pyramid is False
+    # a range is checked the same way on the command line and for a config built in code
+    with pytest.raises(SystemExit) as exit_:
+        main(["--mask_ratio", "1.5", "--output_dir", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --mask_ratio: must be in (0, 1), got 1.5 (see --help)")
+    with pytest.raises(SettingsError, match=r"^--mask_ratio: must be in \(0, 1\), got 1.5$"):
+        validate(PretrainConfig(mask_ratio=1.5))
+    with pytest.raises(SettingsError, match=r"^--opt_betas: must be in \[0, 1\), got 1.0$"):
+        build_pretrain_model(PretrainConfig(model="itpn_nano", opt_betas=(0.9, 1.0)))
+    with pytest.raises(SettingsError, match=r"^--model: invalid choice 'itpn_huge'"):
+        build_pretrain_model({"model": "itpn_huge"})
+    with pytest.raises(SettingsError, match="--mfm ema supervises the pyramid levels"):
+        validate(PretrainConfig(pyramid=False, mfm="ema"))
 
 
 def test_decoder_sizes_live_beside_the_arch_table():
@@ -103,8 +133,8 @@ def test_checkpoint_written_before_the_config_change_auto_resumes(tmp_path):
     assert list(ckpt) == OLD["keys"]
     assert [ckpt["epoch"], ckpt["iter_in_epoch"], ckpt["step"]] == OLD["position"]
     paths = {"data_path": str(images), "output_dir": str(tmp_path / "part")}
-    # what the old code wrote for this run, and the flags added since
-    assert ckpt["args"] == {**OLD["args"], **paths, "overwrite": False}
+    # what the old code wrote for this run, the flags added since, pyramid now a bool
+    assert ckpt["args"] == {**OLD["args"], **paths, "overwrite": False, "pyramid": True}
     # The fixture's run: this run's networks and states under the old code's `args`.
     ckpt["args"] = {**OLD["args"], **paths}
     save_checkpoint(ckpt, path)

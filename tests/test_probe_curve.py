@@ -47,7 +47,7 @@ def test_curve_reads_samples_probes_each_snapshot_once_and_plots(runs, tmp_path)
     assert [(p["epoch"], p["samples"]) for p in integral["points"]] == [(1, 4), (2, 8)]
     assert sorted(integral["points"][0]["accuracy"]) == ["c2", "c3", "c4", "p2", "p3", "p4"]
     assert sorted(conventional["points"][1]["accuracy"]) == ["c2", "c3", "c4"]
-    assert conventional["settings"]["pyramid"] == "off"
+    assert conventional["settings"]["pyramid"] is False
     assert {"pixels/pixels", "random/c4", "random/p2"} <= set(curve["baselines"])
     for point in integral["points"]:
         for acc in point["accuracy"].values():
