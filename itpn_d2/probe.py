@@ -220,7 +220,7 @@ class FeatureModel:
         x = (images - mean) / std
         if self.net is None:
             return {PIXELS: x}
-        feats, levels = self.net.forward_features(x)
+        feats, levels = self.net.forward_stages_and_levels(x)
         maps = dict(zip(("c2", "c3", "c4"), (feats.s4, feats.s8, feats.s16)))
         if levels is not None:
             maps.update(zip(("p2", "p3", "p4"), levels))

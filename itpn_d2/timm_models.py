@@ -30,13 +30,12 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import FeatureGetterNet
 
 from .checkpoint import CheckpointError, load_checkpoint, state_dict_differences
 from .convert import convert_official_state_dict, is_official_state_dict
 from .modeling import ITPN, build_itpn
 
-__all__ = ["ITPNFeatures", "checkpoint_filter_fn"]
+__all__ = ["checkpoint_filter_fn", "load_itpn_file"]
 
 
 DETECTRON2_PREFIX = "backbone.net."  # ITPNBackbone's parameters in a Detectron2 model
@@ -115,15 +114,6 @@ def _load_plain_itpn_state_dict(module, state_dict, prefix, *args) -> None:
             state_dict["model." + k] = state_dict.pop(k)
 
 
-class ITPNFeatures(FeatureGetterNet):
-    """timm's ``feature_cls="getter"`` wrapper (``forward_intermediates``) that also loads a
-    plain ITPN state dict, so ``checkpoint_path=`` works with ``features_only=True``."""
-
-    def __init__(self, model: ITPN, **kwargs: Any):
-        super().__init__(model, **kwargs)
-        self.register_load_state_dict_pre_hook(_load_plain_itpn_state_dict)
-
-
 def _cfg() -> Dict[str, Any]:
     return dict(url="", num_classes=0, input_size=(3, 224, 224), pool_size=None,
                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, interpolation="bicubic",
@@ -153,11 +143,14 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> ITPN:
         net.register_load_state_dict_pre_hook(_prepare_state_dict)
         return net
 
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         build, variant, pretrained and not file, pretrained_cfg_overlay=overlay or None,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls=ITPNFeatures, out_indices=(0, 1, 2)),
+        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2)),
         kwargs_filter=("num_classes", "global_pool"), **kwargs)
+    if kwargs.get("features_only"):  # timm's getter wrapper: checkpoint_path= loads into it
+        model.register_load_state_dict_pre_hook(_load_plain_itpn_state_dict)
+    return model
 
 
 @register_model

@@ -53,7 +53,6 @@ def bench_pretrain(args, device: torch.device) -> List[Result]:
     from pretrain.data import normalize
     from pretrain.distributed import DistInfo
     from pretrain.engine import Trainer, train_step
-    from pretrain.main import get_args_parser
     from pretrain.models import build_pretrain_model
     from pretrain.optim import build_optimizer, build_schedule
 
@@ -63,17 +62,14 @@ def bench_pretrain(args, device: torch.device) -> List[Result]:
         clip_name = "ViT-B-16" if device.type == "cuda" else "tiny"
     with tempfile.TemporaryDirectory(prefix="itpn_bench_") as tmp:
         for mfm in args.mfm:
-            argv = ["--model", args.model, "--input_size", str(args.input_size),
-                    "--batch_size", str(args.batch_size), "--mfm", mfm,
-                    "--mask_ratio", str(args.mask_ratio), "--amp", args.amp,
-                    "--device", str(device)]
+            teacher = {}
             if mfm == "clip":
-                teacher, ckpt = _clip_teacher_file(clip_name, Path(tmp))
-                argv += ["--teacher", teacher, "--teacher_checkpoint", ckpt]
-            if args.compile:
-                argv.append("--compile")
-            cfg = resolve_config(PretrainConfig.from_namespace(get_args_parser().parse_args(argv)),
-                                 DistInfo(), device)
+                name, ckpt = _clip_teacher_file(clip_name, Path(tmp))
+                teacher = dict(teacher=name, teacher_checkpoint=ckpt)
+            cfg = resolve_config(PretrainConfig(
+                model=args.model, input_size=args.input_size, batch_size=args.batch_size,
+                mfm=mfm, mask_ratio=args.mask_ratio, amp=args.amp, device=str(device),
+                compile=args.compile, **teacher), DistInfo(), device)
 
             PeakMemory(device).reset()
             base_rss = _rss_gib()

@@ -150,6 +150,10 @@ class PretrainConfig:
         0.01, "stop when more than this fraction of an epoch's images are unreadable (each one "
               "is skipped with a warning)", DATA,
         type=number_type(float, 0, 1, high_open=False))
+    cache_images: bool = setting(
+        False, "keep each image decoded in memory after its first read (each loader process "
+               "holds its own copy: for small pools such as the toy one, 4096 images = 200 MB, "
+               "not ImageNet)", DATA, action="store_true")
     # run
     output_dir: str = setting("output/pretrain", "checkpoints, log.txt, reconstruction grids",
                               RUN)
@@ -276,6 +280,9 @@ def validate(config: PretrainConfig, given: Tuple[str, ...] = ()) -> None:
     if not c.pyramid and c.mfm != "none":
         raise SettingsError(f"--mfm {c.mfm} supervises the pyramid levels, but --pyramid off "
                             f"trains without pyramid (the HiViT + MAE baseline): use --mfm none")
+    if c.cache_images and c.decode == "gpu":
+        raise SettingsError("--cache_images keeps CPU-decoded images; --decode gpu decodes on "
+                            "the GPU each time: drop one of them")
     if os.path.exists(c.output_dir) and not os.path.isdir(c.output_dir):
         raise SettingsError(f"--output_dir {c.output_dir} is a file, not a folder")
 

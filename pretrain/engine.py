@@ -110,8 +110,10 @@ def setup(config: PretrainConfig, info: DistInfo, device: torch.device,
         _prepare_output_dir(out_dir, info, stack)
         mask_gen = _seed_everything(config.seed + info.rank, device)
         # --decode gpu: workers read bytes, this process decodes on the GPU
-        dataset = (build_encoded_dataset if config.decode == "gpu" else build_dataset)(
-            config.data_path, config.input_size)
+        if config.decode == "gpu":
+            dataset = build_encoded_dataset(config.data_path, config.input_size)
+        else:
+            dataset = build_dataset(config.data_path, config.input_size, config.cache_images)
         sampler = ResumableSampler(dataset, info.world_size, info.rank, shuffle=True,
                                    seed=config.seed)
         schedule = build_schedule(config, sampler.num_samples)

@@ -481,7 +481,7 @@ class PretrainModel(nn.Module):
 
     def forward(self, images: torch.Tensor, masks: Masks) -> PretrainOutput:
         """Loss for ImageNet-normalised ``images`` ``(B, 3, H, W)`` under ``masks``."""
-        feats, levels = self.encoder.forward_features(images, masks.ids_keep)
+        feats, levels = self.encoder.forward_stages_and_levels(images, masks.ids_keep)
         dec_in = levels if self.has_pyramid else [feats.s16]
         pred = self.decoder(dec_in, masks.ids_keep, feats.grid, ids_out=masks.ids_mask)
         target = norm_pix(gather_tokens(patchify(images), masks.ids_mask))
@@ -501,7 +501,7 @@ class PretrainModel(nn.Module):
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, masks: Masks) -> torch.Tensor:
         """Predicted normalised pixels of every patch ``(B, N, 768)``."""
-        feats, levels = self.encoder.forward_features(images, masks.ids_keep)
+        feats, levels = self.encoder.forward_stages_and_levels(images, masks.ids_keep)
         dec_in = levels if self.has_pyramid else [feats.s16]
         return self.decoder(dec_in, masks.ids_keep, feats.grid)
 

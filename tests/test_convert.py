@@ -39,7 +39,7 @@ def test_golden_pyramid_outputs(golden, case_name):
     model, overrides, _ = _converted_model(case)
     assert overrides["rpe"] if case["config"]["rpe"] else "rpe" not in overrides
     with torch.no_grad():
-        _, levels = model.forward_features(golden["input"])
+        _, levels = model.forward_stages_and_levels(golden["input"])
     # the fixture orders levels by stride 16, 8, 4 in the published token layout
     for ref, ours in zip(case["pyramid_full"], reversed(levels)):
         torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)

@@ -27,12 +27,13 @@ OLD = json.loads((Path(__file__).parent / "data" / "pretrain_checkpoint_v1.json"
 
 def test_config_holds_every_flag_in_the_checkpoint_layout():
     cfg = PretrainConfig.from_namespace(get_args_parser().parse_args([]))
-    added = ["overwrite"]  # flags added after the fixture was written: the rest keeps its order
+    added = ["overwrite", "cache_images"]  # flags added after the fixture was written
     assert [k for k in cfg.to_dict() if k not in added] == list(OLD["args"])
     old = PretrainConfig.from_dict(OLD["args"])
     # checkpoints from before pyramid became a bool read as one
     assert OLD["args"]["pyramid"] == "on" and old.pyramid is True
-    assert old.to_dict() == {**OLD["args"], "overwrite": False, "pyramid": True}
+    assert old.to_dict() == {**OLD["args"], "overwrite": False, "cache_images": False,
+                             "pyramid": True}
     assert old.opt_betas == (0.9, 0.95)
     assert PretrainConfig.from_dict({"pyramid": "off"}).pyramid is False
     assert PretrainConfig.from_dict({"model": "itpn_nano", "gone": 1}).model == "itpn_nano"
@@ -134,7 +135,8 @@ def test_checkpoint_written_before_the_config_change_auto_resumes(tmp_path):
     assert [ckpt["epoch"], ckpt["iter_in_epoch"], ckpt["step"]] == OLD["position"]
     paths = {"data_path": str(images), "output_dir": str(tmp_path / "part")}
     # what the old code wrote for this run, the flags added since, pyramid now a bool
-    assert ckpt["args"] == {**OLD["args"], **paths, "overwrite": False, "pyramid": True}
+    assert ckpt["args"] == {**OLD["args"], **paths, "overwrite": False, "cache_images": False,
+                            "pyramid": True}
     # The fixture's run: this run's networks and states under the old code's `args`.
     ckpt["args"] = {**OLD["args"], **paths}
     save_checkpoint(ckpt, path)

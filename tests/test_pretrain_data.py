@@ -55,6 +55,22 @@ def test_augmentation_is_a_function_of_the_seed(tmp_path):
     assert x.dtype == torch.float32 and x.shape == (1, 3, 32, 32)
 
 
+def test_cached_images_give_the_same_items_without_reading_the_files_again(tmp_path):
+    _write_images(tmp_path, 3)
+    plain, cached = PretrainImages(tmp_path, 32), PretrainImages(tmp_path, 32, cache=True)
+    items = [(i, 100 + i) for i in range(3)]
+    first = [cached[item][0] for item in items]
+    assert all(torch.equal(a, plain[item][0]) for a, item in zip(first, items))
+    for path in tmp_path.glob("*.png"):  # from now on only the cache can serve them
+        path.write_bytes(b"gone")
+    for a, item in zip(first, items):
+        again, bad = cached[item]
+        assert torch.equal(again, a) and bad == 0
+    with pytest.warns(UnreadableImageWarning):
+        with pytest.raises(DataError):
+            plain[(0, 100)]
+
+
 def test_unreadable_image_is_skipped_with_warning_and_count(tmp_path):
     _write_images(tmp_path, 3)
     (tmp_path / "img_001.png").write_bytes(b"this is not a png")

@@ -51,6 +51,8 @@ def test_features_only_returns_the_three_pyramid_levels():
         final, nhwc = model.model.forward_intermediates(x, indices=[-1], output_fmt="NHWC")
     assert torch.equal(nhwc[0], eager[2].permute(0, 2, 3, 1))
     assert tuple(final.shape) == (2, 128, 8, 6)  # the stride-16 backbone stage
+    with torch.no_grad():  # timm's forward_features: that stage as one tensor
+        assert torch.equal(model.model.forward_features(x), final)
 
     stages = timm.create_model("itpn_tiny", features_only=True, pyramid=False, out_indices=2)
     assert stages.feature_info.channels() == [192, 384]  # backbone stages at strides 8, 16

@@ -130,7 +130,7 @@ class ITPNBackbone(Backbone):
             raise ValueError(f"input {tuple(x.shape[-2:])} is larger than square_pad="
                              f"{self._square_pad}; resize the images or raise square_pad")
         if any(f in PYRAMID_STRIDES for f in self._out_features):
-            feats, levels = self.net.forward_features(x)
+            feats, levels = self.net.forward_stages_and_levels(x)
             p2, p3, p4 = (tokens_to_map(level, feats.grid) for level in levels)
             maps = {"p2": p2, "p3": p3, "p4": p4}
             if any(f in _POOLED for f in self._out_features):

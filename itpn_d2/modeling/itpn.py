@@ -68,11 +68,18 @@ class ITPN(nn.Module):
             return levels
         return [tokens_to_map(level, feats.grid) for level in levels]
 
-    def forward_features(self, images: torch.Tensor, ids_keep: Optional[torch.Tensor] = None
-                         ) -> Tuple[HiViTFeatures, Optional[List[torch.Tensor]]]:
+    def forward_stages_and_levels(self, images: torch.Tensor,
+                                  ids_keep: Optional[torch.Tensor] = None
+                                  ) -> Tuple[HiViTFeatures, Optional[List[torch.Tensor]]]:
         """Backbone stages and (if built) pyramid levels, both in token layout."""
         feats = self.backbone(images, ids_keep)
         return feats, (self.pyramid(feats) if self.pyramid is not None else None)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """timm's unpooled features: the stride-16 backbone stage, NCHW ``(B, C, H/16, W/16)``
+        (the ``final`` of :meth:`forward_intermediates`)."""
+        feats = self.backbone(images)
+        return tokens_to_map(feats.s16, feats.grid)
 
     forward = forward_pyramid
 
@@ -107,7 +114,7 @@ class ITPN(nn.Module):
             take = [i % n if -n <= i < n else i for i in indices]
         if not all(0 <= i < n for i in take):
             raise IndexError(f"indices {indices} out of range for {n} features")
-        feats, levels = self.forward_features(x)
+        feats, levels = self.forward_stages_and_levels(x)
         stages = (feats.s4, feats.s8, feats.s16)
         maps = [tokens_to_map(t, feats.grid) for t in (levels if levels is not None else stages)]
         out = [maps[i] if output_fmt == "NCHW" else maps[i].permute(0, 2, 3, 1) for i in take]
