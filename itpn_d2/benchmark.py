@@ -1,8 +1,7 @@
-"""Timing and memory of one training step or inference batch, and the benchmark settings.
-
-The measurement core of ``tools/benchmark.py`` and ``tools/gpu_check.py`` (pretraining steps:
-``pretrain.benchmark``; Detectron2 iterations and detectors: ``itpn_d2.d2.benchmark``); this
-module imports no detectron2.
+"""Every benchmark of iTPN-D2, for ``tools/benchmark.py`` (:func:`cli`) and
+``tools/gpu_check.py`` (:func:`run_benchmark`): pretraining steps and data paths, Detectron2
+training iterations (with Detectron2's ViTDet-B beside them) and inference. ``pretrain`` and
+detectron2 are imported only by the benchmarks that need them.
 
 Timing: ``--warmup`` untimed steps (they include ``torch.compile``), then ``--steps`` timed
 steps, each ended by a device synchronisation. ``step_ms`` is the mean timed step, ``img_s``
@@ -30,21 +29,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import gc
+import json
 import os
 import platform
+import random
 import resource
 import statistics
+import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
-from itpn_d2.errors import UserError
+from itpn_d2.errors import EXIT_USER_ERROR, UserError
 
 GIB = 1024 ** 3
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -240,7 +246,7 @@ def time_pyramid(net: torch.nn.Module, name: str, args, device: torch.device,
 
 def bench_infer(args, device: torch.device) -> List[Result]:
     """Backbone + pyramid of ``--model`` (default itpn_base); the ``--config`` variant, which
-    also times the detector, is :func:`itpn_d2.d2.benchmark.bench_infer_config`."""
+    also times the detector, is :func:`bench_infer_config`."""
     from itpn_d2.modeling import build_itpn
 
     name = args.model or "itpn_base"
@@ -364,3 +370,413 @@ def resolve(args) -> torch.device:
     return device
 
 
+# --------------------------------------------------------------------------- pretraining
+
+TINY_CLIP = "itpn-benchmark-tiny-vit"
+# A small open_clip ViT for CPU runs of the CLIP teacher (only its image tower is used).
+TINY_CLIP_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32,
+                   "patch_size": 16},
+    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def _clip_teacher_file(name: str, workdir: Path) -> Tuple[str, str]:
+    """``(open_clip name, file)``: random weights of the open_clip model ``name`` saved to a
+    file (``tiny``: a small ViT registered under :data:`TINY_CLIP`)."""
+    import open_clip
+
+    if name == "tiny":
+        cfg_file = workdir / f"{TINY_CLIP}.json"
+        cfg_file.write_text(json.dumps(TINY_CLIP_CONFIG))
+        open_clip.add_model_config(cfg_file)
+        name = TINY_CLIP
+    if name not in open_clip.list_models():
+        raise BenchmarkError(f"unknown open_clip model {name!r} (--clip-teacher)")
+    clip = open_clip.create_model(name, pretrained=None)
+    path = workdir / "clip_visual.pth"
+    torch.save(clip.visual.state_dict(), path)
+    return name, str(path)
+
+
+def bench_pretrain(args, device: torch.device) -> List[Result]:
+    """One optimizer step of training, :func:`pretrain.engine.train_step` itself, on a fixed
+    synthetic batch already on the device (no data loading), per ``--mfm`` mode."""
+    from pretrain.config import PretrainConfig, resolve_config
+    from pretrain.data import normalize
+    from pretrain.distributed import DistInfo
+    from pretrain.engine import Trainer, train_step
+    from pretrain.models import build_pretrain_model
+    from pretrain.optim import build_optimizer, build_schedule
+
+    results = []
+    clip_name = args.clip_teacher
+    if clip_name == "auto":
+        clip_name = "ViT-B-16" if device.type == "cuda" else "tiny"
+    with tempfile.TemporaryDirectory(prefix="itpn_bench_") as tmp:
+        for mfm in args.mfm:
+            teacher = {}
+            if mfm == "clip":
+                name, ckpt = _clip_teacher_file(clip_name, Path(tmp))
+                teacher = dict(teacher=name, teacher_checkpoint=ckpt)
+            cfg = resolve_config(PretrainConfig(
+                model=args.model, input_size=args.input_size, batch_size=args.batch_size,
+                mfm=mfm, mask_ratio=args.mask_ratio, amp=args.amp, device=str(device),
+                compile=args.compile, **teacher), DistInfo(), device)
+
+            PeakMemory(device).reset()
+            base_rss = _rss_gib()
+            model = build_pretrain_model(cfg).to(device)
+            B = args.batch_size
+            gen = torch.Generator().manual_seed(args.seed)
+            trainer = Trainer(cfg, DistInfo(), device, build_schedule(cfg, B), model,
+                              build_optimizer(model, cfg, device),
+                              torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"), gen)
+            if args.compile:
+                trainer.forward = torch.compile(model)
+            trainer.forward.train()
+            pixels = torch.randint(0, 256, (B, 3, args.input_size, args.input_size),
+                                   dtype=torch.uint8, generator=gen).to(device)
+
+            def step():  # uint8 batch already on the device; normalised as the loader's
+                train_step(trainer, iter([normalize(pixels)]), step=0)
+
+            timing = measure(step, device, args.steps, args.warmup)
+            label = "mim" if mfm == "none" else f"mim+mfm({mfm})"
+            extra = {"params_m": round(count_params(model), 3), "mfm": mfm,
+                     "mask_ratio": args.mask_ratio}
+            if mfm == "clip":
+                extra["clip_teacher"] = clip_name
+            results.append(make_result("pretrain", label, args, B, timing, device, args.model,
+                                       base_rss, **extra))
+            del model, trainer, step
+    if len(results) > 1 and results[0].extra["mfm"] == "none":
+        for r in results[1:]:
+            r.extra["vs_mim"] = round(r.step_ms / results[0].step_ms, 3)
+    return results
+
+
+# --------------------------------------------------------------------------- data path
+
+
+def make_jpeg_corpus(folder: Path, count: int = 256, size: Tuple[int, int] = (500, 375),
+                     quality: int = 90, seed: int = 0) -> List[Path]:
+    """``count`` ImageNet-like JPEGs (``size`` = width, height) under ``folder``: smooth random
+    colour fields plus grain (+-24 levels), about 80 KiB each at 500x375 and quality 90
+    (ImageNet's are ~110 KiB), so decoding costs about what it costs on photos. ~6 ms each."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    w, h = size
+    pad = 64  # one grain field for the corpus, cut at a random offset per image
+    grain = rng.integers(-24, 25, (h + pad, w + pad, 3), dtype=np.int16)
+    paths = []
+    for i in range(count):
+        coarse = rng.integers(0, 256, (max(h // 24, 2), max(w // 24, 2), 3), dtype=np.uint8)
+        img = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.int16)
+        dy, dx = rng.integers(0, pad, 2)
+        img = np.clip(img + grain[dy:dy + h, dx:dx + w], 0, 255).astype(np.uint8)
+        path = folder / f"img_{i:05d}.JPEG"
+        Image.fromarray(img).save(path, quality=quality)
+        paths.append(path)
+    return paths
+
+
+def data_steps(dataset_pil, dataset_bytes, device: torch.device, batch: int, seed: int
+               ) -> Tuple[Dict[str, Callable[[int], Any]], Callable[[int], Any]]:
+    """One callable per data path, each processing batch ``k`` of the corpus (cycling), and
+    the function that reads batch ``k``'s bytes for ``decode`` / ``gpu_path`` ahead."""
+    from pretrain.gpu_data import GPUDecoder, collate_encoded, decode_jpegs
+
+    n = len(dataset_pil)
+    rng = random.Random(seed)
+    seeds = [rng.getrandbits(62) for _ in range(n)]
+
+    def items(k: int):
+        return [((k * batch + j) % n, seeds[(k * batch + j) % n]) for j in range(batch)]
+
+    decoder = GPUDecoder(device, dataset_pil.input_size)
+    encoded = {}  # batch k -> EncodedBatch (decode / gpu_path time the device part only)
+
+    def encoded_batch(k: int):
+        if k not in encoded:
+            encoded[k] = collate_encoded([dataset_bytes[it] for it in items(k)])[0]
+        return encoded[k]
+
+    def decode(k: int):
+        b = encoded_batch(k)
+        return decode_jpegs([b.data[b.offsets[i]:b.offsets[i + 1]] for i in range(len(b))],
+                            device)
+
+    return {
+        "pil": lambda k: torch.stack([dataset_pil[it][0] for it in items(k)]),
+        "read_bytes": lambda k: collate_encoded([dataset_bytes[it] for it in items(k)]),
+        "decode": decode,
+        "gpu_path": lambda k: decoder(encoded_batch(k)),
+    }, encoded_batch
+
+
+def time_data(step: Callable[[int], Any], device: torch.device, steps: int, warmup: int
+              ) -> Dict[str, Any]:
+    """As :func:`itpn_d2.benchmark.measure`, with the batch index handed to ``step`` and the
+    process CPU time (``cpu_ms`` per step) on every device: the data path's cost is CPU."""
+    for k in range(warmup):
+        step(k)
+    sync(device)
+    mem = PeakMemory(device)
+    mem.reset()
+    times = []
+    cpu0 = time.process_time()
+    for k in range(warmup, warmup + steps):
+        t0 = time.perf_counter()
+        step(k)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    cpu_ms = (time.process_time() - cpu0) / steps * 1e3
+    return {"step_ms": sum(times) / steps * 1e3, "step_ms_min": min(times) * 1e3,
+            "step_ms_median": sorted(times)[steps // 2] * 1e3, "peak_mem_gib": mem.peak_gib(),
+            "mem_kind": mem.kind, "cpu_ms": cpu_ms}
+
+
+def bench_data(args, device: torch.device) -> List[Result]:
+    """CPU milliseconds per image (``cpu_ms_per_image``, process CPU time of all threads) and
+    wall time of each data path of ``--paths`` on a folder of JPEGs (``--data-path``, or a
+    generated corpus). Each timed step is one batch; ``decode`` and ``gpu_path`` take bytes
+    already read (their batches are read once, before timing)."""
+    from pretrain.data import PretrainImages
+    from pretrain.gpu_data import EncodedImages
+
+    with tempfile.TemporaryDirectory(prefix="itpn_data_bench_") as tmp:
+        root = args.data_path
+        corpus = None
+        if root is None:
+            make_jpeg_corpus(Path(tmp), args.images, tuple(args.image_size), args.quality,
+                             args.seed)
+            root = tmp
+            corpus = {"corpus_images": args.images, "corpus_size": list(args.image_size),
+                      "corpus_quality": args.quality}
+        files = sorted(p for p in Path(root).rglob("*") if p.is_file())
+        mean_kib = sum(p.stat().st_size for p in files) / max(len(files), 1) / 1024
+        pil = PretrainImages(root, args.input_size)
+        raw = EncodedImages(root, args.input_size)
+        steps, prefetch = data_steps(pil, raw, device, args.batch_size, args.seed)
+        results = []
+        for name in args.paths:
+            if name in ("decode", "gpu_path"):  # their input: bytes already read
+                for k in range(args.warmup + args.steps):
+                    prefetch(k)
+            timing = time_data(steps[name], device, args.steps, args.warmup)
+            extra = {"cpu_ms": timing["cpu_ms"],
+                     "cpu_ms_per_image": timing["cpu_ms"] / args.batch_size,
+                     "wall_ms_per_image": timing["step_ms"] / args.batch_size,
+                     "images_in_folder": len(pil), "mean_file_kib": round(mean_kib, 1),
+                     **(corpus or {"data_path": str(root)})}
+            results.append(make_result("data", name, args, args.batch_size, timing, device,
+                                       "-", **extra))
+    return results
+
+
+# --------------------------------------------------------------------------- Detectron2
+
+
+def load_d2_config(path: str, overrides: Sequence[str], model_name: Optional[str]):
+    from itpn_d2.d2.config import load_config
+
+    cfg = load_config(path, overrides)
+    if model_name is not None:
+        cfg.model.backbone.net.name = model_name
+    return cfg
+
+
+def vitdet_b_backbone(out_channels: int, img_size: int):
+    """Detectron2's ViTDet-B backbone (its COCO recipe's ViT + SimpleFeaturePyramid) as a
+    LazyCall, for ``img_size`` square inputs and ``out_channels`` pyramid channels."""
+    import torch.nn as nn
+    from detectron2.config import LazyCall as L
+    from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+    from detectron2.modeling.backbone.vit import SimpleFeaturePyramid, ViT
+
+    return L(SimpleFeaturePyramid)(
+        net=L(ViT)(img_size=img_size, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                   drop_path_rate=0.1, window_size=14, mlp_ratio=4, qkv_bias=True,
+                   norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                   window_block_indexes=[0, 1, 3, 4, 6, 7, 9, 10], residual_block_indexes=[],
+                   use_rel_pos=True, out_feature="last_feat"),
+        in_feature="last_feat", out_channels=out_channels, scale_factors=(4.0, 2.0, 1.0, 0.5),
+        top_block=L(LastLevelMaxPool)(), norm="LN", square_pad=img_size)
+
+
+def synthetic_d2_batch(batch: int, size: int, num_classes: int, instances: int,
+                       device: torch.device, seed: int = 0) -> List[Dict[str, Any]]:
+    """Detectron2 training inputs: random images with random boxes and rectangular masks."""
+    from detectron2.structures import BitMasks, Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(batch):
+        wh = torch.randint(size // 16, size // 2, (instances, 2), generator=g)
+        xy = (torch.rand(instances, 2, generator=g) * (size - wh)).long()
+        boxes = torch.cat([xy, xy + wh], dim=1).float()
+        masks = torch.zeros(instances, size, size, dtype=torch.bool)
+        for i, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
+            masks[i, y0:y1, x0:x1] = True
+        inst = Instances((size, size), gt_boxes=Boxes(boxes),
+                         gt_classes=torch.randint(num_classes, (instances,), generator=g),
+                         gt_masks=BitMasks(masks))
+        image = torch.randint(0, 256, (3, size, size), generator=g).float()
+        out.append({"image": image.to(device), "height": size, "width": size,
+                    "instances": inst.to(device)})
+    return out
+
+
+def _d2_model_name(cfg) -> str:
+    try:
+        return str(cfg.model.backbone.net.name)
+    except Exception:  # a config without an iTPN backbone
+        return type(cfg.model.backbone).__name__
+
+
+def bench_d2(args, device: torch.device) -> List[Result]:
+    from detectron2.config import LazyCall as L
+    from detectron2.config import instantiate
+    from detectron2.solver import get_default_optimizer_params
+    from detectron2.modeling.backbone.vit import get_vit_lr_decay_rate
+    from detectron2.utils.events import EventStorage
+
+    cfg = load_d2_config(args.config, args.opts, args.model)
+    if args.amp == "fp16" and device.type != "cuda":
+        raise BenchmarkError("--amp fp16 needs CUDA")
+    variants = [("itpn", cfg)]
+    if args.vitdet:
+        vcfg = copy.deepcopy(cfg)
+        vcfg.model.backbone = vitdet_b_backbone(cfg.model.proposal_generator.head.in_channels,
+                                                args.input_size)
+        variants.append(("vitdet_b", vcfg))
+    num_classes = cfg.model.roi_heads.num_classes
+    batch = synthetic_d2_batch(args.batch_size, args.input_size, num_classes,
+                               args.instances, device)
+    results = []
+    for label, vcfg in variants:
+        PeakMemory(device).reset()
+        base_rss = _rss_gib()
+        model = instantiate(vcfg.model).to(device).train()
+        if label == "itpn":
+            vcfg.optimizer.params.model = model
+            optimizer = instantiate(vcfg.optimizer)
+        else:  # ViTDet-B recipe: layer decay 0.7 over 12 blocks, no decay on pos_embed / norms
+            vcfg.optimizer.params = L(get_default_optimizer_params)(
+                model=model, base_lr="${..lr}", weight_decay_norm=0.0,
+                overrides={"pos_embed": {"weight_decay": 0.0}},
+                lr_factor_func=partial(get_vit_lr_decay_rate, num_layers=12, lr_decay_rate=0.7))
+            optimizer = instantiate(vcfg.optimizer)
+        if args.compile:
+            model.backbone = torch.compile(model.backbone)
+        scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+
+        def step():  # detectron2's (AMP)Trainer.run_step on a fixed batch
+            with autocast_ctx(device, args.amp):
+                losses = sum(model(batch).values())
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(losses).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+        with EventStorage(0):
+            timing = measure(step, device, args.steps, args.warmup)
+        name = _d2_model_name(vcfg) if label == "itpn" else "vitdet_b"
+        results.append(make_result(
+            "d2", f"train:{label}", args, args.batch_size, timing, device, name, base_rss,
+            config=args.config, params_m=round(count_params(model), 3),
+            instances_per_image=args.instances))
+        del model, optimizer, step
+    if len(results) == 2:
+        results[0].extra["ratio_to_vitdet_b"] = round(results[0].step_ms / results[1].step_ms, 3)
+    return results
+
+
+
+
+def bench_infer_config(args, device: torch.device) -> List[Result]:
+    """Backbone + pyramid of ``--config``'s backbone (``--model`` overrides its name), then the
+    full detector."""
+    from detectron2.config import instantiate
+
+    cfg = load_d2_config(args.config, args.opts, args.model)
+    name = args.model or _d2_model_name(cfg)
+    S, B = args.input_size, args.batch_size
+    PeakMemory(device).reset()
+    base_rss = _rss_gib()
+    # The detector's backbone settings (rpe, fpn_depth, ...).
+    net = instantiate(cfg.model.backbone.net).to(device).eval()
+    results = [time_pyramid(net, name, args, device, base_rss)]
+    del net
+    g = torch.Generator().manual_seed(args.seed + 1)
+
+    # Random heads score below the default threshold; keep every detection (100 per image)
+    # so that the box and mask heads do the work of a trained detector.
+    heads = cfg.model.roi_heads
+    for predictor in heads.get("box_predictors", None) or [heads.box_predictor]:
+        predictor.test_score_thresh = 0.0
+    PeakMemory(device).reset()
+    base_rss = _rss_gib()
+    model = instantiate(cfg.model).to(device).eval()
+    if args.compile:
+        model.backbone = torch.compile(model.backbone)
+    inputs = [{"image": torch.randint(0, 256, (3, S, S), generator=g).float().to(device),
+               "height": S, "width": S} for _ in range(B)]
+
+    def detect():
+        with torch.inference_mode(), autocast_ctx(device, args.amp):
+            model(inputs)
+
+    timing = measure(detect, device, args.steps, args.warmup)
+    results.append(make_result("infer", "detector", args, B, timing, device,
+                               _d2_model_name(cfg), base_rss, config=args.config,
+                               params_m=round(count_params(model), 3)))
+    return results
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def run_benchmark(args: argparse.Namespace, device: torch.device) -> List[Result]:
+    """The benchmark of parsed ``args`` (:func:`get_parser`): detectron2 is imported only for
+    ``d2`` / ``infer --config``, the ``pretrain`` package only for ``pretrain`` / ``data``."""
+    if args.command in ("pretrain", "data"):
+        try:
+            import pretrain  # noqa: F401
+        except ModuleNotFoundError as e:
+            if e.name != "pretrain":
+                raise
+            raise UserError("the pretrain package is not importable: install the repository "
+                            "(pip install -e .) or set PYTHONPATH to its root") from None
+        return (bench_pretrain if args.command == "pretrain" else bench_data)(args, device)
+    if args.command == "d2":
+        return bench_d2(args, device)
+    return (bench_infer_config if args.config else bench_infer)(args, device)
+
+
+def main(argv: Optional[Sequence[str]] = None, description: Optional[str] = None
+         ) -> List[Dict[str, Any]]:
+    """Run the benchmark of ``argv``; print the table (or JSON lines) and return the rows."""
+    args = get_parser(description or __doc__).parse_args(argv)
+    device = resolve(args)
+    rows = [r.as_dict() for r in run_benchmark(args, device)]
+    if args.json:
+        for r in rows:
+            print(json.dumps(r), flush=True)
+    else:
+        print(format_table(rows), flush=True)
+    return rows
+
+
+def cli(argv: Optional[Sequence[str]] = None, description: Optional[str] = None) -> int:
+    """``tools/benchmark.py``: errors give one ``error:`` line and exit status 2."""
+    try:
+        main(argv, description)
+    except (BenchmarkError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0

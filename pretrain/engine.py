@@ -110,10 +110,9 @@ def setup(config: PretrainConfig, info: DistInfo, device: torch.device,
         _prepare_output_dir(out_dir, info, stack)
         mask_gen = _seed_everything(config.seed + info.rank, device)
         # --decode gpu: workers read bytes, this process decodes on the GPU
-        if config.decode == "gpu":
-            dataset = build_encoded_dataset(config.data_path, config.input_size)
-        else:
-            dataset = build_dataset(config.data_path, config.input_size, config.cache_images)
+        dataset = (build_encoded_dataset(config.data_path, config.input_size)
+                   if config.decode == "gpu" else
+                   build_dataset(config.data_path, config.input_size, config.cache_images))
         sampler = ResumableSampler(dataset, info.world_size, info.rank, shuffle=True,
                                    seed=config.seed)
         schedule = build_schedule(config, sampler.num_samples)
@@ -368,9 +367,8 @@ def _train(config: PretrainConfig, info: DistInfo, device: torch.device,
     if info.is_main:
         trainer.out_dir.mkdir(parents=True, exist_ok=True)
         n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-        pyramid = "on" if config.pyramid else "off"
-        log.info(f"pretraining {config.model} (pyramid {pyramid}, mfm {config.mfm}) on "
-                 f"{len(trainer.dataset)} images from {trainer.dataset.root}; "
+        log.info(f"pretraining {config.model} (pyramid {'on' if config.pyramid else 'off'}, "
+                 f"mfm {config.mfm}) on {len(trainer.dataset)} images from {trainer.dataset.root}; "
                  f"{n_train / 1e6:.2f}M trainable params; effective batch "
                  f"{config.eff_batch_size}, lr {config.lr:.3e}, {schedule.steps_per_epoch} "
                  f"steps/epoch, {schedule.total_steps} steps; device {device}, amp "

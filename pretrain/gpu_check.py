@@ -6,11 +6,11 @@
   from pytest's JUnit XML file (bf16 autocast in pretraining and in the recipes, fused AdamW,
   exact resume on CUDA, ``--decode gpu``, AMPTrainer iterations of the toy recipe and of
   ``mask_rcnn_itpn_b`` at 1024, the UPerNet recipe's slide inference).
-* ``pretrain``: ``itpn_base`` step at batch 256, 224 px, bf16 (``pretrain.benchmark``): MIM and
+* ``pretrain``: ``itpn_base`` step at batch 256, 224 px, bf16 (``itpn_d2.benchmark``): MIM and
   MIM+MFM(ema) without compile, then MIM with ``torch.compile`` (full check only).
 * ``infer``: ``itpn_base`` backbone + pyramid at 1024x1024, batch 8.
 * ``d2``: Mask R-CNN ``itpn_base`` training iteration at 1024, batch 2, and the same detector
-  with ViTDet-B (``itpn_d2.d2.benchmark``).
+  with ViTDet-B (``itpn_d2.benchmark``).
 * ``data``: the pretraining data paths on a generated JPEG corpus (500x375, quality 90), and
   ``pretrain/main.py --decode gpu`` end to end against the synthetic-input MIM step.
 
@@ -146,19 +146,10 @@ def judge(spec: CheckSpec, group: str, measured: Optional[Dict[str, Any]], plan:
 
 def bench_rows(argv: Sequence[str]) -> List[Dict[str, Any]]:
     """Rows of ``tools/benchmark.py argv`` (same parser and functions, no subprocess)."""
-    from itpn_d2.benchmark import get_parser, resolve
+    from itpn_d2.benchmark import get_parser, resolve, run_benchmark
 
     args = get_parser().parse_args(list(argv))
-    device = resolve(args)
-    if args.command in ("pretrain", "data"):
-        from pretrain.benchmark import bench_data, bench_pretrain
-
-        run = bench_pretrain if args.command == "pretrain" else bench_data
-    elif args.command == "d2":
-        from itpn_d2.d2.benchmark import bench_d2 as run
-    else:
-        from itpn_d2.benchmark import bench_infer as run
-    return [r.as_dict() for r in run(args, device)]
+    return [r.as_dict() for r in run_benchmark(args, resolve(args))]
 
 
 def _steps(plan: Plan, compiled: bool = False) -> List[str]:
@@ -201,7 +192,7 @@ def e2e_img_s(log_file: Path) -> float:
 
 
 def measure_data(plan: Plan, ctx: Dict[str, Any]) -> Dict[str, Any]:
-    from pretrain.benchmark import make_jpeg_corpus
+    from itpn_d2.benchmark import make_jpeg_corpus
     from pretrain.main import main as pretrain_main
 
     workdir = Path(ctx["workdir"])

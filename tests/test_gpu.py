@@ -86,7 +86,7 @@ def test_pretrain_checkpoint_and_exact_resume_on_cuda(toy_root, tmp_path):
 
 
 def test_pretrain_with_gpu_decode(tmp_path):
-    from pretrain.benchmark import make_jpeg_corpus
+    from itpn_d2.benchmark import make_jpeg_corpus
 
     make_jpeg_corpus(tmp_path / "jpegs", count=16, size=(200, 150), quality=90)
     result = pretrain_main(["--model", "itpn_nano", "--data_path", str(tmp_path / "jpegs"),
@@ -98,7 +98,7 @@ def test_pretrain_with_gpu_decode(tmp_path):
 
 
 def test_gpu_decode_close_to_pil_path(tmp_path):
-    from pretrain.benchmark import make_jpeg_corpus
+    from itpn_d2.benchmark import make_jpeg_corpus
     from pretrain.gpu_data import EncodedImages, GPUDecoder, collate_encoded
 
     make_jpeg_corpus(tmp_path, count=8, size=(500, 375), quality=90)
@@ -126,7 +126,7 @@ def test_d2_amp_trainer_iteration_bf16(config, size):
     from detectron2.engine import AMPTrainer
     from detectron2.utils.events import EventStorage
 
-    from itpn_d2.d2.benchmark import synthetic_d2_batch
+    from itpn_d2.benchmark import synthetic_d2_batch
 
     cfg = LazyConfig.load(str(ROOT / config))
     cfg.train.amp.enabled, cfg.train.device = True, "cuda"

@@ -30,70 +30,18 @@ Subcommands (each configuration is one row of the table, or one JSON line with `
   (decode + orient + crop / resize / flip on ``--device``). ``cpu_ms_per_image`` is the process
   CPU time per image; with ``--device cpu`` the last two run torchvision's CPU decoder.
 
-Timing, memory and the settings live in :mod:`itpn_d2.benchmark`; the pretraining and data
-benchmarks in :mod:`pretrain.benchmark`, the Detectron2 ones in :mod:`itpn_d2.d2.benchmark`.
+Everything lives in :mod:`itpn_d2.benchmark` (this script is its command line).
 """
 
-from __future__ import annotations
-
-import json
 import sys
-from typing import Any, Dict, List, Optional
 
 from itpn_d2.runtime import set_omp_wait_policy
 
 if __name__ == "__main__":
     set_omp_wait_policy()  # before torch loads OpenMP (see itpn_d2.runtime)
 
-from itpn_d2.benchmark import (BenchmarkError, format_table, get_parser,  # noqa: E402,F401
-                               resolve)
-from itpn_d2.errors import EXIT_USER_ERROR, UserError  # noqa: E402
-
-
-def run(args, device) -> List[Any]:
-    """The benchmark of the parsed ``args`` (detectron2 is imported only for d2 / --config)."""
-    if args.command in ("pretrain", "data"):
-        try:
-            from pretrain.benchmark import bench_data, bench_pretrain
-        except ModuleNotFoundError as e:
-            if e.name != "pretrain":
-                raise
-            raise UserError("the pretrain package is not importable: install the repository "
-                            "(pip install -e .) or set PYTHONPATH to its root") from None
-
-        return (bench_pretrain if args.command == "pretrain" else bench_data)(args, device)
-    if args.command == "d2" or args.config:
-        from itpn_d2.d2.benchmark import bench_d2, bench_infer_config
-
-        return (bench_d2 if args.command == "d2" else bench_infer_config)(args, device)
-    from itpn_d2.benchmark import bench_infer
-
-    return bench_infer(args, device)
-
-
-def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
-    """Run the benchmark of ``argv``; print the table (or JSON lines) and return the rows."""
-    args = get_parser(__doc__).parse_args(argv)
-    device = resolve(args)
-    rows = [r.as_dict() for r in run(args, device)]
-    if args.json:
-        for r in rows:
-            print(json.dumps(r), flush=True)
-    else:
-        print(format_table(rows), flush=True)
-    return rows
-
-
-def cli(argv: Optional[List[str]] = None) -> int:
-    try:
-        main(argv)
-    except (BenchmarkError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return 0
-
+from itpn_d2.benchmark import cli, main  # noqa: E402,F401  (main: the rows, for tests)
+from itpn_d2.errors import run_cli  # noqa: E402
 
 if __name__ == "__main__":
-    from itpn_d2.errors import run_cli
-
-    sys.exit(run_cli(cli))
+    sys.exit(run_cli(lambda: cli(description=__doc__)))
