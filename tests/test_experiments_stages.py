@@ -5,12 +5,14 @@ import io
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 
 from itpn_d2.eval_results import EVAL_RESULTS, read_eval_results, write_eval_results
 from itpn_d2.experiments import stages
-from itpn_d2.experiments.stages import Runner, Stage
+from itpn_d2.errors import UserError
+from itpn_d2.experiments.stages import Runner, Stage, require_checkout
 
 
 def test_eval_results_round_trip_atomically(tmp_path):
@@ -208,3 +210,13 @@ def test_run_parallel_runs_every_stage_numbered_in_order(tmp_path):
         runner.run_parallel([(c, lambda s: (s.out_dir / "out.txt").write_text("c") and {}),
                              (d, fail)])
     assert (tmp_path / "c" / "out.txt").read_text() == "c"  # the other stage finished
+
+
+def test_experiments_refuse_a_folder_that_is_not_a_checkout(tmp_path):
+    with pytest.raises(UserError) as err:
+        require_checkout(tmp_path)
+    assert str(err.value) == (
+        f"{tmp_path} is not a checkout of iTPN-D2 (no tools/lazyconfig_train_net.py, "
+        f"pretrain/main.py, configs/toy): the experiments run the checkout's tools and configs, "
+        f"not the installed package; run them from a clone of the repository")
+    require_checkout(Path(__file__).resolve().parents[1])  # this checkout: no error

@@ -1,5 +1,6 @@
 """Experiments built from this project's command lines: the end-to-end toy demo
 (:mod:`.demo`, ``tools/demo.py``) and the transfer study (:mod:`.transfer_study`,
 ``tools/transfer_study.py``), both made of cached stages (:mod:`.stages`) that run the
-checkout's tools as subprocesses and read the files those write. Imports no detectron2.
+checkout's tools as subprocesses and read the files those write. They work from a checkout
+only (``Runner`` says so in one line elsewhere). Imports no detectron2.
 """

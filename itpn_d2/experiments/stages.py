@@ -35,6 +35,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
+from ..errors import UserError
 from ..eval_results import EVAL_RESULTS, read_eval_results
 from ..runtime import set_omp_wait_policy
 
@@ -185,6 +186,19 @@ class Stage:
     def fingerprint(self) -> Dict:
         """What downstream stages put in their settings: this stage's settings."""
         return {"stage": self.name, "settings": _jsonable(self.settings)}
+
+
+# What the stages run: the experiments work from a checkout only (an installed itpn_d2 has none).
+CHECKOUT_PARTS = ("tools/lazyconfig_train_net.py", "pretrain/main.py", "configs/toy")
+
+
+def require_checkout(repo: Path) -> None:
+    """One-line :class:`UserError` unless ``repo`` holds what the stages run."""
+    missing = [name for name in CHECKOUT_PARTS if not (Path(repo) / name).exists()]
+    if missing:
+        raise UserError(f"{repo} is not a checkout of iTPN-D2 (no {', '.join(missing)}): the "
+                        f"experiments run the checkout's tools and configs, not the installed "
+                        f"package; run them from a clone of the repository")
 
 
 class Runner:
@@ -491,6 +505,7 @@ class Experiment:
     """
 
     def __init__(self, args, repo: Path, total_stages: Optional[int] = None):
+        require_checkout(repo)
         self.args = args
         self.out = args.output
         self.data_root = self.out / "data"
