@@ -3,10 +3,12 @@
 import importlib.util
 import json
 import subprocess
+import time
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "benchmark.py"
@@ -108,3 +110,24 @@ def test_data_paths_on_a_generated_corpus(bench):
         assert (row["corpus_images"], row["corpus_size"], row["corpus_quality"]) == \
             (4, [96, 72], 80)
         assert row["cpu_ms_per_image"] == pytest.approx(row["cpu_ms"] / 2, rel=1e-2)
+
+
+def test_measure_runs_the_steps_it_reports_and_sees_their_memory():
+    """The timing core on steps whose cost is known: call counts, a lower bound on the time of
+    a step that sleeps, and the peak of a step that fills 512 MiB (the same run without it
+    for reference)."""
+    from itpn_d2.benchmark import measure
+
+    calls = []
+    timing = measure(lambda: (calls.append(1), time.sleep(0.02)), torch.device("cpu"),
+                     steps=3, warmup=2)
+    assert len(calls) == 5
+    assert timing["step_ms_min"] >= 20.0 and timing["step_ms"] >= timing["step_ms_min"]
+    idle = measure(lambda: None, torch.device("cpu"), steps=1, warmup=0)
+    filled = measure(lambda: torch.ones(512 * 2 ** 20, dtype=torch.uint8).sum(),
+                     torch.device("cpu"), steps=1, warmup=0)
+    if filled["mem_kind"] != "cpu_peak_rss":  # no reset allowed: a lifetime peak, never lower
+        assert filled["peak_mem_gib"] >= idle["peak_mem_gib"]
+        pytest.skip("the peak RSS cannot be reset here (/proc/self/clear_refs)")
+    # 0.5 GiB touched, less the page-size rounding of the RSS
+    assert filled["peak_mem_gib"] - idle["peak_mem_gib"] >= 0.45
