@@ -132,17 +132,16 @@ def check_torchrun(words, env):
     return check_script([args.training_script, *args.training_script_args], env)
 
 
-def test_readme_has_the_expected_commands():
-    joined = "\n".join(COMMANDS)
-    assert COMMANDS[:2] == ["make demo", "make test"]
-    for needle in ("torchrun --nproc_per_node=8 pretrain/main.py", "--nnodes=",
-                   "--num-machines", "--eval-only", "tools/convert_official_checkpoint.py",
-                   "tools/prepare_ade20k.py", "tools/transfer_study.py",
-                   "tools/install_detectron2.py", "configs/ade20k/upernet_itpn_b.py"):
-        assert needle in joined, needle
+def test_readme_documents_every_tool_and_full_recipe():
+    """Each script of tools/ and each COCO / ADE20K recipe is named in the README (a new one
+    without documentation fails here), and no placeholder of an unfinished edit is left."""
     text = README.read_text()
-    assert "not reproduced" in text and "DETECTRON2_DATASETS" in text
-    assert "DEMO_OUTPUT" not in text and "TRANSFER_TABLE" not in text, "placeholders left"
+    entry_points = sorted(p.relative_to(REPO).as_posix() for pattern in (
+        "tools/*.py", "configs/coco/*.py", "configs/ade20k/*.py") for p in REPO.glob(pattern))
+    assert len(entry_points) > 20
+    assert [p for p in entry_points if p not in text] == []
+    assert COMMANDS[:2] == ["make demo", "make test"]
+    assert not re.findall(r"DEMO_OUTPUT|TRANSFER_TABLE|\bTODO\b|\bTBD\b", text)
 
 
 @pytest.mark.parametrize("target,needle", [("demo", "tools/demo.py"), ("test", "pytest")])
