@@ -41,7 +41,8 @@ def probe_curve(runs: Dict[str, Path], epochs: Sequence[int], output: Path,
                 toy_root: Optional[Path] = None, extra_args: Sequence[str] = ()) -> Dict:
     """Probe ``epochs`` (1-based; missing snapshots are skipped) of every run folder of
     ``runs`` (label -> folder); return and write ``<output>/probe_curve.json``."""
-    curve: Dict = {"protocol": "object", "runs": {}, "baselines": {}}
+    curve: Dict = {"protocol": "object", "probe_args": list(extra_args), "runs": {},
+                   "baselines": {}}
     for label, folder in runs.items():
         points: List[Dict] = []
         for epoch in epochs:
@@ -58,7 +59,9 @@ def probe_curve(runs: Dict[str, Path], epochs: Sequence[int], output: Path,
                 if toy_root is not None:
                     argv += ["--toy-root", str(toy_root)]
                 probe_main(argv)
-            rows = json.loads((out / "probe.json").read_text())["protocols"]["object"]["rows"]
+            report = json.loads((out / "probe.json").read_text())["protocols"]["object"]
+            rows = report["rows"]
+            curve["split"] = {k: report[k] for k in ("train", "val", "num_train", "num_val")}
             points.append({"epoch": epoch, "samples": info["samples"],
                            "accuracy": {r["source"]: {"accuracy": r["accuracy"],
                                                       "ci95": r["ci95"]}

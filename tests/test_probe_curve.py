@@ -49,6 +49,10 @@ def test_curve_reads_samples_probes_each_snapshot_once_and_plots(runs, tmp_path)
     assert sorted(conventional["points"][1]["accuracy"]) == ["c2", "c3", "c4"]
     assert conventional["settings"]["pyramid"] is False
     assert {"pixels/pixels", "random/c4", "random/p2"} <= set(curve["baselines"])
+    split = curve["split"]
+    assert (split["train"], split["val"], split["num_val"]) == ("itpn_toy_train",
+                                                                "itpn_toy_probe", 10)
+    assert curve["probe_args"] == ["--input-size", "64"]
     for point in integral["points"]:
         for acc in point["accuracy"].values():
             assert acc["ci95"][0] <= acc["accuracy"] <= acc["ci95"][1]

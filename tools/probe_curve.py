@@ -27,6 +27,11 @@ def main() -> int:
                    help="toy dataset with the probe split (default: $ITPN_TOY_ROOT, else "
                         "datasets/itpn_toy)")
     p.add_argument("--input-size", type=int, default=None, help="passed to the probe")
+    p.add_argument("--object-train", default=None,
+                   help="passed to the probe: the split its classifiers are fit on (default "
+                        "itpn_toy_train)")
+    p.add_argument("--object-val", default=None,
+                   help="passed to the probe: the split it scores (default itpn_toy_probe)")
     args = p.parse_args()
     runs = {}
     for spec in args.run:
@@ -34,7 +39,10 @@ def main() -> int:
         if not sep or not label or not folder:
             raise UserError(f"--run {spec!r}: expected label=folder")
         runs[label] = Path(folder)
-    extra = ["--input-size", str(args.input_size)] if args.input_size else []
+    extra = [item for flag, value in (("--input-size", args.input_size),
+                                      ("--object-train", args.object_train),
+                                      ("--object-val", args.object_val)) if value
+             for item in (flag, str(value))]
     curve = probe_curve(runs, args.epochs, args.output, args.toy_root, extra)
     for label, run in curve["runs"].items():
         for point in run["points"]:
