@@ -113,7 +113,11 @@ def plot_probe_curve(curve: Dict, path: Path) -> Path:
         ax.set_xlabel("samples seen")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("object probe accuracy %")
-    axes[0][-1].legend(fontsize=6)
+    legend = {}  # every run, also those missing from the last panel (no pyramid: no p-levels)
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    axes[0][0].legend(legend.values(), legend.keys(), fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
