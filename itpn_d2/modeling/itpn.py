@@ -15,36 +15,24 @@ from .pyramid import IntegralPyramid
 
 
 class ITPN(nn.Module):
-    """HiViT backbone with the integral feature pyramid (``pyramid=False``: backbone only).
+    """A HiViT backbone with the integral feature pyramid on top (``pyramid=None``: backbone
+    only). :func:`build_itpn` builds both parts from one set of keyword arguments.
 
     Args:
-        img_size, in_chans, embed_dim, mlp_depth, depth, num_heads, bridge_mlp_ratio, mlp_ratio,
-        qkv_bias, abs_pos_embed, rpe, layer_scale_init, drop_path_rate, use_checkpoint:
-            see :class:`~itpn_d2.modeling.hivit.HiViT`.
-        pyramid: build the integral pyramid.
-        fpn_dim: pyramid channels.
-        fpn_depth: MLP blocks after each top-down fusion of the pyramid.
+        backbone: the :class:`~itpn_d2.modeling.hivit.HiViT`.
+        pyramid: an :class:`~itpn_d2.modeling.pyramid.IntegralPyramid` over the backbone's
+            stages, or ``None``.
     """
 
-    def __init__(self, *, img_size: Union[int, Tuple[int, int]] = 224, in_chans: int = 3,
-                 embed_dim: int = 512, mlp_depth: int = 3, depth: int = 24, num_heads: int = 8,
-                 bridge_mlp_ratio: float = 3.0, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 abs_pos_embed: bool = True, rpe: bool = False,
-                 layer_scale_init: Optional[float] = None, drop_path_rate: float = 0.0,
-                 use_checkpoint: bool = False, pyramid: bool = True, fpn_dim: int = 256,
-                 fpn_depth: int = 2):
+    def __init__(self, backbone: HiViT, pyramid: Optional[IntegralPyramid] = None):
         super().__init__()
-        self.backbone = HiViT(
-            img_size=img_size, in_chans=in_chans, embed_dim=embed_dim, mlp_depth=mlp_depth,
-            depth=depth, num_heads=num_heads, bridge_mlp_ratio=bridge_mlp_ratio,
-            mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, abs_pos_embed=abs_pos_embed, rpe=rpe,
-            layer_scale_init=layer_scale_init, drop_path_rate=drop_path_rate,
-            use_checkpoint=use_checkpoint)
-        self.pyramid = IntegralPyramid(embed_dim, fpn_dim, fpn_depth, mlp_ratio) if pyramid else None
+        self.backbone = backbone
+        self.pyramid = pyramid
         # What forward_intermediates returns (timm's convention): the pyramid levels, or the
         # backbone stages of a model without pyramid. Read by timm's features_only wrapper.
-        kind = "pyramid" if pyramid else "stage"
-        self.feature_info = [f for f in feature_info(embed_dim, self.fpn_dim) if f["kind"] == kind]
+        kind = "stage" if pyramid is None else "pyramid"
+        self.feature_info = [f for f in feature_info(backbone.embed_dim, self.fpn_dim)
+                             if f["kind"] == kind]
         # Set by build_itpn so that checkpoints can record how to rebuild the model.
         self.model_name: Optional[str] = None
         self.model_overrides: Dict[str, Any] = {}
@@ -183,10 +171,13 @@ DECODER_SIZES: Dict[str, DecoderSize] = {
     "itpn_large": DecoderSize(512, 8, 16, 256, 8),
 }
 
-# Every ITPN constructor argument with its default, read once from the signature.
-ITPN_DEFAULTS: Dict[str, Any] = {p.name: p.default
-                                 for p in inspect.signature(ITPN.__init__).parameters.values()
-                                 if p.name != "self"}
+# Every build_itpn argument with its default: HiViT's (read once from its signature), then the
+# pyramid's (its width and depth; ``pyramid=False`` leaves it out).
+HIVIT_DEFAULTS: Dict[str, Any] = {p.name: p.default
+                                  for p in inspect.signature(HiViT.__init__).parameters.values()
+                                  if p.name != "self"}
+PYRAMID_DEFAULTS: Dict[str, Any] = {"pyramid": True, "fpn_dim": 256, "fpn_depth": 2}
+ITPN_DEFAULTS: Dict[str, Any] = {**HIVIT_DEFAULTS, **PYRAMID_DEFAULTS}
 BUILD_ARGS = tuple(ITPN_DEFAULTS)
 
 
@@ -214,7 +205,11 @@ def build_itpn(name: str, **overrides: Any) -> ITPN:
     if unknown:
         raise TypeError(f"build_itpn({name!r}) got unknown arguments {unknown}; "
                         f"valid: {', '.join(BUILD_ARGS)}")
-    model = ITPN(**{**ARCHS[name], **overrides})
+    args = {**ITPN_DEFAULTS, **ARCHS[name], **overrides}
+    backbone = HiViT(**{k: args[k] for k in HIVIT_DEFAULTS})
+    pyramid = (IntegralPyramid(args["embed_dim"], args["fpn_dim"], args["fpn_depth"],
+                               args["mlp_ratio"]) if args["pyramid"] else None)
+    model = ITPN(backbone, pyramid)
     model.model_name = name
     model.model_overrides = dict(overrides)
     return model
