@@ -61,7 +61,7 @@ class Logger:
         if self.plain:
             log.info(f"epoch {epoch} step {step}: loss {values['loss']:.4f} mim "
                      f"{values['mim']:.4f} mfm {values['mfm']:.4f} lr {values['lr']:.3e} "
-                     f"{values['img_per_s']:.1f} img/s eta {_fmt_time(eta_s)}")
+                     f"{values['img_per_s']:.1f} img/s eta {tqdm.format_interval(max(eta_s, 0))}")
         else:
             self.bar.update(n)
             self.bar.set_postfix(epoch=epoch, loss=f"{values['loss']:.4f}",
@@ -90,11 +90,6 @@ class Logger:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 @dataclass
