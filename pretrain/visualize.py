@@ -25,10 +25,11 @@ from itpn_d2.data.images import load_rgb_image
 from itpn_d2.errors import UserError, disk_full_message, run_cli
 from itpn_d2.modeling.hivit import PATCH_SIZE
 
+from .config import num_visible
 from .data import DataError, center_crop, denormalize, normalize, to_uint8_tensor
 from .export import load_pretrain_model
 from .flags import device_type, number_type
-from .models import PretrainModel, num_visible, patchify, random_masking, unpatchify
+from .models import PretrainModel, patchify, random_masking, unpatchify
 
 GAP = 2  # pixels of white between tiles
 

@@ -205,7 +205,7 @@ def build_itpn(name: str, **overrides: Any) -> ITPN:
     if unknown:
         raise TypeError(f"build_itpn({name!r}) got unknown arguments {unknown}; "
                         f"valid: {', '.join(BUILD_ARGS)}")
-    args = {**ITPN_DEFAULTS, **ARCHS[name], **overrides}
+    args = itpn_arguments(name, **overrides)
     backbone = HiViT(**{k: args[k] for k in HIVIT_DEFAULTS})
     pyramid = (IntegralPyramid(args["embed_dim"], args["fpn_dim"], args["fpn_depth"],
                                args["mlp_ratio"]) if args["pyramid"] else None)
