@@ -5,7 +5,8 @@ snapshots of pretraining runs (``checkpoint-<epoch index>.pth`` of ``pretrain/ma
 Each snapshot's probe report is kept under ``<output>/<run>/epoch<N>/probe.json`` and reused, so
 a curve can be extended while its runs go on. Samples seen are read from the snapshot
 (``step * eff_batch_size``). Snapshots of one run share its LR schedule: a point at epoch 4 of
-a 32-epoch run is not a 4-epoch run.
+a 32-epoch run is not a 4-epoch run; each point records the ``--epochs`` its snapshot was
+trained under (``schedule_epochs``), which changes where a run was resumed with more epochs.
 """
 
 from __future__ import annotations
@@ -62,7 +63,10 @@ def probe_curve(runs: Dict[str, Path], epochs: Sequence[int], output: Path,
             report = json.loads((out / "probe.json").read_text())["protocols"]["object"]
             rows = report["rows"]
             curve["split"] = {k: report[k] for k in ("train", "val", "num_train", "num_val")}
+            # the schedule the snapshot was trained under: a run resumed with more --epochs
+            # changes it part-way, and its points then say so
             points.append({"epoch": epoch, "samples": info["samples"],
+                           "schedule_epochs": info["settings"]["epochs"],
                            "accuracy": {r["source"]: {"accuracy": r["accuracy"],
                                                       "ci95": r["ci95"]}
                                         for r in rows if r["model"] == "checkpoint"}})

@@ -2,6 +2,7 @@
 reused, pyramid-free runs probed on their stages only, one-line errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,8 @@ def test_curve_reads_samples_probes_each_snapshot_once_and_plots(runs, tmp_path)
     assert (out / "probe_curve.png").read_bytes()[:4] == b"\x89PNG"
     integral, conventional = curve["runs"]["integral"], curve["runs"]["conventional"]
     # epoch 4 has no snapshot: skipped; 1 step of 4 images per epoch
-    assert [(p["epoch"], p["samples"]) for p in integral["points"]] == [(1, 4), (2, 8)]
+    assert [(p["epoch"], p["samples"], p["schedule_epochs"]) for p in integral["points"]] \
+        == [(1, 4, 2), (2, 8, 2)]
     assert sorted(integral["points"][0]["accuracy"]) == ["c2", "c3", "c4", "p2", "p3", "p4"]
     assert sorted(conventional["points"][1]["accuracy"]) == ["c2", "c3", "c4"]
     assert conventional["settings"]["pyramid"] is False
@@ -62,6 +64,23 @@ def test_curve_reads_samples_probes_each_snapshot_once_and_plots(runs, tmp_path)
     stamps = [p.stat().st_mtime_ns for p in reports]
     assert probe_curve(folders, [1, 2, 4], out, root / "toy", ["--input-size", "64"]) == curve
     assert [p.stat().st_mtime_ns for p in reports] == stamps
+
+
+def test_run_resumed_with_more_epochs_records_each_points_schedule(runs, tmp_path):
+    root, folders = runs
+    longer = tmp_path / "longer"
+    shutil.copytree(folders["conventional"], longer)
+    pretrain_main(["--model", "itpn_nano", "--data_path", str(root / "toy/images/train"),
+                   "--input_size", "64", "--batch_size", "4", "--num_workers", "0",
+                   "--epochs", "3", "--warmup_epochs", "1", "--keep_every", "1",
+                   "--vis_images", "0", "--device", "cpu", "--output_dir", str(longer),
+                   "--pyramid", "off", "--mfm", "none", "--auto_resume"])
+    curve = probe_curve({"longer": longer}, [2, 3], tmp_path / "curve", root / "toy",
+                        ["--input-size", "64"])
+    run = curve["runs"]["longer"]
+    assert [(p["epoch"], p["samples"], p["schedule_epochs"]) for p in run["points"]] \
+        == [(2, 8, 2), (3, 12, 3)]
+    assert run["settings"]["epochs"] == 3  # the run's settings are those of its last snapshot
 
 
 def test_run_without_snapshots_and_bad_spec_give_one_line(runs, tmp_path):
