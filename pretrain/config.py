@@ -95,6 +95,11 @@ class PretrainConfig:
     mask_ratio: float = setting(0.75, "fraction of 16x16 tokens masked (dropped from the "
                                       "encoder)", MIM,
                                 type=number_type(float, 0, 1, low_open=True))
+    norm_pix_loss: bool = setting(
+        True, "MIM target: each 16x16 patch normalised to zero mean and unit variance (MAE's "
+              "norm_pix_loss, better features); 'off': the pixels themselves, whose "
+              "reconstructions can be viewed as they are (default: on)", MIM, type=on_off,
+        metavar="{on,off}")
     mfm: str = setting("ema", "teacher of masked feature modeling: 'ema' momentum copy of the "
                               "backbone, 'clip' frozen open_clip image encoder, 'none' pixels "
                               "only", MIM, choices=MFM_MODES)

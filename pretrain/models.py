@@ -8,8 +8,8 @@ MIM (:class:`PixelDecoder`): each pyramid level is mapped per sub-token by Layer
 4x4 sub-grid is folded into its channels, so the three levels give ``dim`` channels per 16x16
 token and are summed. A mask token fills the masked positions, fixed 2D sin-cos positions are
 added, then transformer blocks, a norm and a linear layer predict the token's 16x16x3 pixels.
-The target is normalised per patch (norm_pix); the loss is the mean squared error over masked
-patches only. With ``pyramid=False`` (the HiViT + MAE baseline) the decoder reads the backbone's
+The target is normalised per patch (norm_pix, unless ``norm_pix_loss=False``: the pixels
+themselves); the loss is the mean squared error over masked patches only. With ``pyramid=False`` (the HiViT + MAE baseline) the decoder reads the backbone's
 stride-16 output only.
 
 MFM (:class:`FeatureHead`, one per pyramid level): the level's sub-grid is folded into each
@@ -451,11 +451,14 @@ class PretrainModel(nn.Module):
         mfm_dim, mfm_heads: MFM head width and attention heads.
         mfm_weight: weight of the MFM loss.
         mfm_loss: ``smooth_l1`` or ``cosine``.
+        norm_pix_loss: MIM predicts each patch normalised to zero mean and unit variance
+            (MAE's norm_pix_loss); ``False``: its pixels.
     """
 
     def __init__(self, encoder: ITPN, decoder_dim: int, decoder_depth: int, decoder_heads: int,
                  teacher: Optional[nn.Module] = None, mfm_dim: int = 256, mfm_heads: int = 8,
-                 mfm_weight: float = 1.0, mfm_loss: str = "smooth_l1"):
+                 mfm_weight: float = 1.0, mfm_loss: str = "smooth_l1",
+                 norm_pix_loss: bool = True):
         super().__init__()
         if mfm_loss not in MFM_LOSSES:
             raise ValueError(f"unknown MFM loss {mfm_loss!r}; choose from {MFM_LOSSES}")
@@ -478,13 +481,16 @@ class PretrainModel(nn.Module):
                 for s, t in zip(LEVEL_SUBS, teacher.target_dims))
         self.mfm_weight = mfm_weight
         self.mfm_loss = mfm_loss
+        self.norm_pix_loss = norm_pix_loss
 
     def forward(self, images: torch.Tensor, masks: Masks) -> PretrainOutput:
         """Loss for ImageNet-normalised ``images`` ``(B, 3, H, W)`` under ``masks``."""
         feats, levels = self.encoder.forward_stages_and_levels(images, masks.ids_keep)
         dec_in = levels if self.has_pyramid else [feats.s16]
         pred = self.decoder(dec_in, masks.ids_keep, feats.grid, ids_out=masks.ids_mask)
-        target = norm_pix(gather_tokens(patchify(images), masks.ids_mask))
+        target = gather_tokens(patchify(images), masks.ids_mask)
+        if self.norm_pix_loss:
+            target = norm_pix(target)
         mim = F.mse_loss(pred.float(), target)
         loss = mim
         mfm = torch.zeros((), device=images.device)
@@ -500,10 +506,18 @@ class PretrainModel(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, masks: Masks) -> torch.Tensor:
-        """Predicted normalised pixels of every patch ``(B, N, 768)``."""
+        """Predicted pixels of every patch ``(B, N, 768)``, in the space of ``images``. Under
+        norm_pix the predictions are per-patch normalised: each is put back with its true
+        patch's mean and standard deviation (MAE's visualisation; it shows the shapes the
+        model predicts inside a patch, not the patch's colour or contrast)."""
         feats, levels = self.encoder.forward_stages_and_levels(images, masks.ids_keep)
         dec_in = levels if self.has_pyramid else [feats.s16]
-        return self.decoder(dec_in, masks.ids_keep, feats.grid)
+        pred = self.decoder(dec_in, masks.ids_keep, feats.grid).float()
+        if not self.norm_pix_loss:
+            return pred
+        patches = patchify(images)
+        std = (patches.var(dim=-1, keepdim=True) + 1e-6).sqrt()  # as norm_pix
+        return pred * std + patches.mean(dim=-1, keepdim=True)
 
     def no_weight_decay_names(self) -> List[str]:
         """Position embeddings, relative position tables, layer scales and mask tokens."""
@@ -565,7 +579,8 @@ def build_pretrain_model(config: Union[PretrainConfig, Mapping[str, Any]]) -> Pr
     teacher = build_teacher(config.mfm, encoder, config.teacher, config.teacher_checkpoint)
     try:
         return PretrainModel(encoder, size.dim, size.depth, size.heads, teacher, size.mfm_dim,
-                             size.mfm_heads, config.mfm_weight, config.mfm_loss)
+                             size.mfm_heads, config.mfm_weight, config.mfm_loss,
+                             config.norm_pix_loss)
     except (ValueError, AssertionError) as e:  # widths that do not divide (decoder heads, MFM)
         raise SettingsError(f"the decoder / MFM head sizes do not fit together: {e} "
                             f"(--decoder_dim, --decoder_heads, --mfm_dim)") from e

@@ -1,8 +1,9 @@
 """Reconstruction grids: one row per image, columns original / masked / reconstruction.
 
-The decoder predicts per-patch normalised pixels (norm_pix), so a predicted patch is shown with
-the mean and standard deviation of the true patch put back (the usual MAE visualisation);
-visible patches are shown as they are, masked patches as grey in the middle column.
+Masked patches show the model's prediction (:meth:`PretrainModel.reconstruct`: under norm_pix,
+with the true patch's mean and standard deviation put back, the usual MAE visualisation; a model
+pre-trained with ``--norm_pix_loss off`` predicts the pixels themselves); visible patches are
+shown as they are, masked patches as grey in the middle column.
 
 ``itpn-visualize-reconstruction CHECKPOINT IMAGE... --out grid.png`` (:func:`cli`, also
 ``tools/visualize_reconstruction.py``) draws the grid of a pretraining checkpoint: each image is
@@ -46,12 +47,10 @@ def reconstruction_grid(model: PretrainModel, images: torch.Tensor, mask_ratio: 
     grid = (H // PATCH_SIZE, W // PATCH_SIZE)
     masks = random_masking(B, grid[0] * grid[1], mask_ratio,
                            torch.Generator().manual_seed(seed), x.device)
-    pred = model.reconstruct(x, masks).float()  # [B, N, 768] normalised per patch
+    pred = model.reconstruct(x, masks)  # [B, N, 768] in the space of x
     target = patchify(x)
-    mean = target.mean(dim=-1, keepdim=True)
-    std = (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
     m = masks.mask[:, :, None]
-    recon = unpatchify(torch.where(m > 0, pred * std + mean, target), grid)
+    recon = unpatchify(torch.where(m > 0, pred, target), grid)
     original = denormalize(x).clamp(0, 1)
     pixel_mask = unpatchify(m.expand_as(target), grid)  # 1 on masked pixels
     masked = original * (1 - pixel_mask) + 0.5 * pixel_mask

@@ -27,13 +27,13 @@ OLD = json.loads((Path(__file__).parent / "data" / "pretrain_checkpoint_v1.json"
 
 def test_config_holds_every_flag_in_the_checkpoint_layout():
     cfg = PretrainConfig.from_namespace(get_args_parser().parse_args([]))
-    added = ["overwrite", "cache_images"]  # flags added after the fixture was written
+    added = ["overwrite", "cache_images", "norm_pix_loss"]  # flags added after the fixture
     assert [k for k in cfg.to_dict() if k not in added] == list(OLD["args"])
     old = PretrainConfig.from_dict(OLD["args"])
     # checkpoints from before pyramid became a bool read as one
     assert OLD["args"]["pyramid"] == "on" and old.pyramid is True
     assert old.to_dict() == {**OLD["args"], "overwrite": False, "cache_images": False,
-                             "pyramid": True}
+                             "pyramid": True, "norm_pix_loss": True}
     assert old.opt_betas == (0.9, 0.95)
     assert PretrainConfig.from_dict({"pyramid": "off"}).pyramid is False
     assert PretrainConfig.from_dict({"model": "itpn_nano", "gone": 1}).model == "itpn_nano"
@@ -54,6 +54,7 @@ def test_the_dataclass_is_the_one_definition_of_flags_defaults_and_ranges(tmp_pa
     for name, action in flags.items():
         assert action.default == fields[name].default and action.help, name
     assert parser.parse_args(["--pyramid", "off"]).pyramid is False
+    assert parser.parse_args(["--norm_pix_loss", "off"]).norm_pix_loss is False
     # a range is checked the same way on the command line and for a config built in code
     with pytest.raises(SystemExit) as exit_:
         main(["--mask_ratio", "1.5", "--output_dir", str(tmp_path)])
@@ -136,7 +137,7 @@ def test_checkpoint_written_before_the_config_change_auto_resumes(tmp_path):
     paths = {"data_path": str(images), "output_dir": str(tmp_path / "part")}
     # what the old code wrote for this run, the flags added since, pyramid now a bool
     assert ckpt["args"] == {**OLD["args"], **paths, "overwrite": False, "cache_images": False,
-                            "pyramid": True}
+                            "pyramid": True, "norm_pix_loss": True}
     # The fixture's run: this run's networks and states under the old code's `args`.
     ckpt["args"] = {**OLD["args"], **paths}
     save_checkpoint(ckpt, path)

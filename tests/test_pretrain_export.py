@@ -74,6 +74,21 @@ def test_load_pretrain_model_loads_encoder_and_decoder_only(run, tmp_path):
         load_pretrain_model(tmp_path / "backbone.pth")
 
 
+def test_load_pretrain_model_reconstructs_with_the_runs_mim_target(run, tmp_path):
+    """The target the decoder was trained on comes from the checkpoint; checkpoints written
+    before --norm_pix_loss existed were trained with norm_pix."""
+    ckpt, _ = run
+    saved = load_checkpoint(ckpt)
+    assert saved["args"]["norm_pix_loss"] is True and load_pretrain_model(ckpt)[0].norm_pix_loss
+    for value, expected in ((False, False), (None, True)):
+        args = {k: v for k, v in saved["args"].items() if k != "norm_pix_loss"}
+        if value is not None:
+            args["norm_pix_loss"] = value
+        path = tmp_path / f"ckpt_{value}.pth"
+        torch.save({**saved, "args": args}, path)
+        assert load_pretrain_model(path)[0].norm_pix_loss is expected
+
+
 def test_visualize_cli_writes_the_grid_and_reports_errors(run, tmp_path, capsys):
     ckpt, files = run
     out = tmp_path / "grid.png"

@@ -137,14 +137,15 @@ def test_pretrain_model_losses_for_every_mode(tiny_clip):
             assert torch.allclose(out.loss.detach(), out.mim + out.mfm)
 
 
-def test_the_loss_is_norm_pix_mse_over_masked_patches_plus_weighted_mfm():
+@pytest.mark.parametrize("norm_pix_loss", [True, False])
+def test_the_loss_is_norm_pix_mse_over_masked_patches_plus_weighted_mfm(norm_pix_loss):
     """Pinned by hand: the MIM term is the MSE between the decoder's predictions and each masked
-    16 x 16 patch normalised to zero mean / unit (unbiased) variance, visible patches
-    excluded; the total adds mfm_weight x the MFM term."""
+    16 x 16 patch normalised to zero mean / unit (unbiased) variance (the patch itself with
+    --norm_pix_loss off), visible patches excluded; the total adds mfm_weight x the MFM term."""
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 64, 64) * 2 + 0.5
     masks = random_masking(2, 16, 0.75, torch.Generator().manual_seed(0))
-    model = build_pretrain_model(_args(mfm="ema", mfm_weight=0.25))
+    model = build_pretrain_model(_args(mfm="ema", mfm_weight=0.25, norm_pix_loss=norm_pix_loss))
     preds = []
     model.decoder.register_forward_hook(lambda module, inputs, out: preds.append(out))
     out = model(x, masks)
@@ -156,10 +157,32 @@ def test_the_loss_is_norm_pix_mse_over_masked_patches_plus_weighted_mfm():
             row, col = divmod(index, 4)
             patch = x[b, :, 16 * row:16 * row + 16, 16 * col:16 * col + 16]
             values = patch.permute(1, 2, 0).reshape(-1)  # (row, column, channel) order
-            target[b, j] = (values - values.mean()) / (values.var() + 1e-6).sqrt()
+            target[b, j] = ((values - values.mean()) / (values.var() + 1e-6).sqrt()
+                            if norm_pix_loss else values)
     mim = ((pred - target) ** 2).mean()
     assert torch.allclose(out.mim, mim, rtol=1e-5)
     assert out.mfm > 0 and torch.allclose(out.loss.detach(), mim + 0.25 * out.mfm, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm_pix_loss", [True, False])
+def test_reconstruct_gives_pixels_of_every_patch(norm_pix_loss):
+    """Under norm_pix the decoder's per-patch normalised predictions come back with each true
+    patch's mean and standard deviation; without it they are the pixels already."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64) * 3 - 1
+    masks = random_masking(2, 16, 0.75, torch.Generator().manual_seed(0))
+    model = build_pretrain_model(_args(mfm="none", norm_pix_loss=norm_pix_loss)).eval()
+    preds = []
+    model.decoder.register_forward_hook(lambda module, inputs, out: preds.append(out))
+    recon = model.reconstruct(x, masks)
+    (pred,) = preds
+    assert recon.shape == pred.shape == (2, 16, 16 * 16 * 3)
+    patches = patchify(x)
+    if norm_pix_loss:
+        std = (patches.var(dim=-1, keepdim=True) + 1e-6).sqrt()
+        assert torch.allclose(recon, pred * std + patches.mean(dim=-1, keepdim=True), atol=1e-5)
+    else:
+        assert torch.equal(recon, pred)
 
 
 def test_clip_teacher_targets(tiny_clip):
