@@ -63,8 +63,6 @@ def probe_curve(runs: Dict[str, Path], epochs: Sequence[int], output: Path,
             report = json.loads((out / "probe.json").read_text())["protocols"]["object"]
             rows = report["rows"]
             curve["split"] = {k: report[k] for k in ("train", "val", "num_train", "num_val")}
-            # the schedule the snapshot was trained under: a run resumed with more --epochs
-            # changes it part-way, and its points then say so
             points.append({"epoch": epoch, "samples": info["samples"],
                            "schedule_epochs": info["settings"]["epochs"],
                            "accuracy": {r["source"]: {"accuracy": r["accuracy"],

@@ -9,8 +9,9 @@ MIM (:class:`PixelDecoder`): each pyramid level is mapped per sub-token by Layer
 token and are summed. A mask token fills the masked positions, fixed 2D sin-cos positions are
 added, then transformer blocks, a norm and a linear layer predict the token's 16x16x3 pixels.
 The target is normalised per patch (norm_pix, unless ``norm_pix_loss=False``: the pixels
-themselves); the loss is the mean squared error over masked patches only. With ``pyramid=False`` (the HiViT + MAE baseline) the decoder reads the backbone's
-stride-16 output only.
+themselves); the loss is the mean squared error over masked patches only. With
+``pyramid=False`` (the HiViT + MAE baseline) the decoder reads the backbone's stride-16 output
+only.
 
 MFM (:class:`FeatureHead`, one per pyramid level): the level's sub-grid is folded into each
 token's channels, LayerNorm + Linear map it to the head width, mask tokens fill the masked
@@ -143,11 +144,16 @@ def unpatchify(x: torch.Tensor, grid: Tuple[int, int], patch: int = PATCH_SIZE) 
     return x.reshape(B, -1, hp * patch, wp * patch)
 
 
+def patch_mean_std(patches: torch.Tensor, eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each patch's ``(..., P)`` mean and standard deviation (unbiased variance + ``eps``)."""
+    return (patches.mean(dim=-1, keepdim=True),
+            (patches.var(dim=-1, keepdim=True) + eps).sqrt())
+
+
 def norm_pix(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Normalise each patch ``(..., P)`` to zero mean and unit variance (MAE's norm_pix)."""
-    mean = target.mean(dim=-1, keepdim=True)
-    var = target.var(dim=-1, keepdim=True)
-    return (target - mean) / (var + eps).sqrt()
+    mean, std = patch_mean_std(target, eps)
+    return (target - mean) / std
 
 
 def feature_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -515,9 +521,8 @@ class PretrainModel(nn.Module):
         pred = self.decoder(dec_in, masks.ids_keep, feats.grid).float()
         if not self.norm_pix_loss:
             return pred
-        patches = patchify(images)
-        std = (patches.var(dim=-1, keepdim=True) + 1e-6).sqrt()  # as norm_pix
-        return pred * std + patches.mean(dim=-1, keepdim=True)
+        mean, std = patch_mean_std(patchify(images))
+        return pred * std + mean
 
     def no_weight_decay_names(self) -> List[str]:
         """Position embeddings, relative position tables, layer scales and mask tokens."""
