@@ -220,3 +220,14 @@ def test_experiments_refuse_a_folder_that_is_not_a_checkout(tmp_path):
         f"pretrain/main.py, configs/toy): the experiments run the checkout's tools and configs, "
         f"not the installed package; run them from a clone of the repository")
     require_checkout(Path(__file__).resolve().parents[1])  # this checkout: no error
+
+
+def test_file_digest_is_the_sha256_of_the_bytes(tmp_path):
+    import hashlib
+
+    from itpn_d2.experiments.stages import file_digest
+
+    path = tmp_path / "f.bin"
+    data = bytes(range(256)) * 5000  # more than one 1 MiB read
+    path.write_bytes(data)
+    assert file_digest(path) == hashlib.sha256(data).hexdigest()

@@ -311,3 +311,18 @@ def test_checkpoint_img_size_reads_the_pretraining_size(tmp_path):
     assert study.checkpoint_img_size(str(path)) is None
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     assert study.checkpoint_img_size(str(tmp_path / "junk.pth")) is None
+
+
+def test_a_given_checkpoint_is_named_by_its_content(tmp_path):
+    """A new file under the same path is a new start: the cached fine-tuning runs of that arm
+    must not be reused (the fingerprint holds the file's sha256, not only its path)."""
+    import hashlib
+
+    ckpt = tmp_path / "integral.pth"
+    ckpt.write_bytes(b"first")
+    args = study.parse_args(["--output", str(tmp_path / "study"), "--dry-run", "--device", "cpu",
+                             "--integral-checkpoint", str(ckpt), "--input-size", "128"], REPO)
+    first = study.Study(args, REPO).pretrain("integral", None)["fingerprint"]
+    assert first == {"given": str(ckpt), "sha256": hashlib.sha256(b"first").hexdigest()}
+    ckpt.write_bytes(b"second")
+    assert study.Study(args, REPO).pretrain("integral", None)["fingerprint"] != first

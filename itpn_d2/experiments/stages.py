@@ -357,6 +357,16 @@ def source_hash(repo: Path, *folders: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes: how a stage's settings name a checkpoint it starts from, so
+    that a new file under the same path reruns the stage."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def resolve_device(device: str) -> str:
     """``"auto"`` -> ``"cuda"`` if PyTorch sees a GPU, else ``"cpu"``; other names as given."""
     if device != "auto":

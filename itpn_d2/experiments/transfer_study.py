@@ -21,8 +21,8 @@ from typing import Dict, List, Optional, Sequence
 
 from ..data.toy import TOY_IMAGE_SIZE, toy_paths
 from .stages import (FREEZE_PROTOCOLS, Experiment, Stage, StageError, d2_overrides,
-                     d2_train_progress, eval_history, eval_metrics, format_duration, mean_std_ci,
-                     pretrain_progress, pretrain_summary, python, resolve_device,
+                     d2_train_progress, eval_history, eval_metrics, file_digest, format_duration,
+                     mean_std_ci, pretrain_progress, pretrain_summary, python, resolve_device,
                      toy_size_overrides)
 
 ARMS = ("integral", "conventional", "scratch", "mim_only")
@@ -200,7 +200,9 @@ class Study(Experiment):
         a = self.args
         given = getattr(a, f"{arm}_checkpoint")
         if given is not None:
-            return {"checkpoint": str(Path(given).resolve()), "fingerprint": {"given": given},
+            # by content: a new file under the same path reruns the arm's fine-tuning
+            return {"checkpoint": str(Path(given).resolve()),
+                    "fingerprint": {"given": given, "sha256": file_digest(given)},
                     "img_size": a.input_size or checkpoint_img_size(given)}
         pyramid, mfm = PRETRAIN_MODES[arm]
         paths = toy_paths(self.data_root)
