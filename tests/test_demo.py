@@ -117,6 +117,32 @@ def test_demo_dry_run_lists_every_stage_and_writes_nothing(tmp_path, capsys):
     assert len(det) == 1 and all(f in det[0] for f in freeze)
 
 
+def test_reproduce_preset_runs_the_shipped_pretraining(tmp_path):
+    """``--preset reproduce``'s live pretraining is the shipped integral checkpoint's command:
+    the same pool and every training setting, as pretrain/main.py parses them."""
+    import shlex
+
+    from itpn_d2.zoo import zoo_info
+    from pretrain.config import build_parser
+
+    args = demo.parse_args(["--preset", "reproduce", "--output", str(tmp_path), "--dry-run",
+                            "--device", "cpu"], REPO)
+    assert args.init == "live"
+    commands = demo.Demo(args, REPO).run()["commands"]
+    command = zoo_info(demo.REPRODUCED)["command"]
+    assert f"--num-pool {args.num_pool} " in command.split("&&")[0]
+    parser = build_parser()
+    shipped = vars(parser.parse_args(shlex.split(command.split("pretrain/main.py")[1])))
+    live = next(shlex.split(c) for c in commands if "pretrain/main.py" in c)
+    live = vars(parser.parse_args(live[live.index(next(x for x in live
+                                                       if x.endswith("pretrain/main.py"))) + 1:]))
+    where = {"data_path", "output_dir", "device", "num_workers", "log_every", "save_every",
+             "keep_every", "vis_images", "auto_resume", "cache_images"}  # not the training
+    assert {k: v for k, v in live.items() if k not in where} \
+        == {k: v for k, v in shipped.items() if k not in where}
+    assert live["epochs"] == zoo_info(demo.REPRODUCED)["epochs_run"]
+
+
 def test_demo_smoke_run_end_to_end_then_reuse(tmp_path):
     """Every stage for real at tiny sizes, then a second run that reuses them all."""
     out = tmp_path / "demo"
