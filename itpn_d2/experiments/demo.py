@@ -54,8 +54,9 @@ SHIPPED = "itpn_nano_toy_integral_30ep"
 # The best shipped integral pretraining (96 epochs), which --preset reproduce pretrains anew.
 REPRODUCED = "itpn_nano_toy_integral"
 DET_RESULTS = "inference/coco_instances_results.json"  # under the detection stage's folder
-# The transfer study committed with the checkout (tools/transfer_study.py on the shipped
-# checkpoints; README "Transfer study"): REPORT.md shows it beside the live numbers.
+# The transfer study committed with the checkout (tools/transfer_study.py on the 30-epoch pair,
+# SHIPPED and its conventional counterpart; README "Transfer study"): REPORT.md shows it
+# beside the live numbers.
 STUDY_RESULTS = Path("results") / "toy" / "transfer_study"
 
 # Settings of each preset; command-line flags override single values.
