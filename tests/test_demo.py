@@ -89,8 +89,8 @@ def test_report_shows_the_committed_study(tmp_path):
     study = demo.committed_study(folder, figures)
     assert study.splitlines()[0] == "## Transfer study: integral vs conventional"
     assert "\n### full fine-tuning (`full`)\n" in study
-    assert study.rstrip().endswith("![transfer study](figures/transfer_study.png)")
-    assert (figures / "transfer_study.png").read_bytes() == b"\x89PNG fake"
+    assert study.rstrip().endswith("![transfer study](figures/results.png)")
+    assert (figures / "results.png").read_bytes() == b"\x89PNG fake"
 
 
 def test_demo_dry_run_lists_every_stage_and_writes_nothing(tmp_path, capsys):
@@ -129,7 +129,7 @@ def test_reproduce_preset_runs_the_shipped_pretraining(tmp_path):
                             "--device", "cpu"], REPO)
     assert args.init == "live"
     commands = demo.Demo(args, REPO).run()["commands"]
-    command = zoo_info(demo.REPRODUCED)["command"]
+    command = zoo_info(demo.SHIPPED)["command"]
     assert f"--num-pool {args.num_pool} " in command.split("&&")[0]
     parser = build_parser()
     shipped = vars(parser.parse_args(shlex.split(command.split("pretrain/main.py")[1])))
@@ -140,7 +140,7 @@ def test_reproduce_preset_runs_the_shipped_pretraining(tmp_path):
              "keep_every", "vis_images", "auto_resume", "cache_images"}  # not the training
     assert {k: v for k, v in live.items() if k not in where} \
         == {k: v for k, v in shipped.items() if k not in where}
-    assert live["epochs"] == zoo_info(demo.REPRODUCED)["epochs_run"]
+    assert live["epochs"] == zoo_info(demo.SHIPPED)["epochs_run"]
 
 
 def test_demo_smoke_run_end_to_end_then_reuse(tmp_path):
