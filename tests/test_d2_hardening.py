@@ -555,3 +555,14 @@ def test_visualize_tools_check_overrides(toy_root, monkeypatch):
     with pytest.raises(ConfigError, match="did you mean train.init_checkpoint"):
         import_tool("visualize_semseg").main(["--config-file", TOY_SEG, "--output", "x",
                                               "train.init_checkpint=a.pth"])
+
+
+
+@pytest.mark.parametrize("argv", [["-c", "import itpn_d2.d2; import detectron2.modeling"],
+                                  ["tools/lazyconfig_train_net.py", "--help"]])
+def test_no_third_party_deprecation_on_stderr(argv):
+    # fvcore and detectron2 script functions when imported; torch 2.14 warns about each on the
+    # stderr of every tool (and of the demo's figures stage) unless itpn_d2.d2 silences it.
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert "torch.jit.script" not in proc.stderr, proc.stderr

@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+import itpn_d2.d2  # noqa: F401  (first: imports detectron2 without torch's warnings)
 from detectron2.config import instantiate
 from detectron2.utils.analysis import FlopCountAnalysis
 from fvcore.nn import flop_count_table, parameter_count

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+import itpn_d2.d2  # noqa: F401  (first: imports detectron2 without torch's warnings)
 from detectron2.config import instantiate
 from detectron2.engine import (AMPTrainer, SimpleTrainer, create_ddp_model,
                                default_argument_parser, default_setup, default_writers, hooks)

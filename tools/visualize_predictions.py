@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import itpn_d2.d2  # noqa: F401  (first: imports detectron2 without torch's warnings)
 import detectron2.data.transforms as T
 from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import itpn_d2.d2  # noqa: F401  (first: imports detectron2 without torch's warnings)
 from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 

@@ -6,6 +6,15 @@ Importing this package imports detectron2. Models are built from LazyConfig reci
 :class:`Predictor` is the one-call inference.
 """
 
+import warnings
+
+with warnings.catch_warnings():
+    # fvcore and detectron2 script functions at import time, which torch 2.14 flags as
+    # deprecated: a warning on every tool's stderr that nobody here can act on.
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
+                            category=FutureWarning)
+    import detectron2.modeling  # noqa: F401
+
 from .backbone import DEFAULT_OUT_FEATURES, PYRAMID_STRIDES, STAGE_STRIDES, ITPNBackbone
 from .checkpoint import ITPNCheckpointer, check_input_format, register_zoo_handler
 from .export import BackboneOutputs, export_model

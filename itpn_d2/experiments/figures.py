@@ -43,6 +43,7 @@ def draw_top_detections(results_json: Path, data_root: Path, out_dir: Path,
     from collections import defaultdict
 
     import numpy as np
+    from .. import d2  # noqa: F401  (imports detectron2 without fvcore's import-time warning)
     from detectron2.data.catalog import Metadata
     from detectron2.structures import BitMasks, Boxes, BoxMode, Instances
     from detectron2.utils.visualizer import ColorMode, Visualizer
