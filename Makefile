@@ -28,7 +28,7 @@ $(UPSTREAM_TRAIN_NET): tools/install_detectron2.py | $(STAMP)
 	$(VENV_PY) tools/install_detectron2.py --upstream-tools $(UPSTREAM_TOOLS)
 	touch $@
 
-# The end-to-end demo (tools/demo.py): ~7.5 minutes on 2 CPU cores, output/demo/REPORT.md.
+# The end-to-end demo (tools/demo.py): 8-11 minutes on 2 CPU cores, output/demo/REPORT.md.
 # A second run reuses finished stages; `make demo DEMO_ARGS=--force` redoes them.
 demo: venv
 	$(VENV_PY) tools/demo.py $(DEMO_ARGS)
