@@ -557,7 +557,6 @@ def test_visualize_tools_check_overrides(toy_root, monkeypatch):
                                               "train.init_checkpint=a.pth"])
 
 
-
 @pytest.mark.parametrize("argv", [["-c", "import itpn_d2.d2; import detectron2.modeling"],
                                   ["tools/lazyconfig_train_net.py", "--help"]])
 def test_no_third_party_deprecation_on_stderr(argv):
