@@ -56,7 +56,8 @@ DET_RESULTS = "inference/coco_instances_results.json"  # under the detection sta
 # conventional counterpart, one folder per run of the tool; README "Transfer study"): REPORT.md
 # shows it beside the live numbers.
 STUDY_RESULTS = (Path("results") / "toy" / "transfer_study_96ep",
-                 Path("results") / "toy" / "transfer_study_96ep_frozen_scarce")
+                 Path("results") / "toy" / "transfer_study_96ep_frozen_scarce",
+                 Path("results") / "toy" / "transfer_study_96ep_full")
 
 # Settings of each preset; command-line flags override single values.
 PRESETS: Dict[str, Dict[str, object]] = {
