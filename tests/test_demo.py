@@ -141,6 +141,7 @@ def test_reproduce_preset_runs_the_shipped_pretraining(tmp_path):
     assert {k: v for k, v in live.items() if k not in where} \
         == {k: v for k, v in shipped.items() if k not in where}
     assert live["epochs"] == zoo_info(demo.SHIPPED)["epochs_run"]
+    assert live["auto_resume"]  # hours of pretraining: an interrupted run continues
 
 
 def test_demo_smoke_run_end_to_end_then_reuse(tmp_path):

@@ -169,6 +169,44 @@ def test_runner_reuses_only_matching_finished_stages(tmp_path):
     assert len(calls) == 5 and not (tmp_path / "s" / "stale.txt").exists()
 
 
+def test_runner_continues_an_interrupted_resumable_stage(tmp_path):
+    """A resumable stage (long pretraining) keeps what an interrupted run with the same settings
+    left; other settings, --force and non-resumable stages start from an empty folder."""
+    seen = []
+
+    def work(stage):
+        seen.append(sorted(p.name for p in stage.out_dir.iterdir()))
+        (stage.out_dir / "checkpoint-last.pth").write_text("epoch 3")
+        if len(seen) == 1:
+            raise KeyboardInterrupt  # the first run is interrupted
+        return {}
+
+    def make(settings, resumable=True):
+        return Stage("pre", "pretrain", tmp_path / "pre", settings, outputs=["checkpoint-last.pth"],
+                     resumable=resumable)
+
+    out = io.StringIO()
+    runner = Runner(tmp_path, tmp_path / "logs", progress=False, stream=out)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(make({"a": 1}), work)
+    assert seen == [[stages.STARTED]] and not (tmp_path / "pre" / "stage.json").exists()
+    runner.run(make({"a": 1}), work)  # the same settings: the folder is kept
+    assert seen[1] == ["checkpoint-last.pth", stages.STARTED]
+    assert "continuing the interrupted run" in out.getvalue()
+    assert runner.run(make({"a": 1}), work).reused and len(seen) == 2  # finished: reused
+
+    (tmp_path / "pre" / "stage.json").unlink()
+    runner.run(make({"a": 2}), work)  # other settings: emptied
+    assert seen[2] == [stages.STARTED]
+    (tmp_path / "pre" / "stage.json").unlink()
+    Runner(tmp_path, tmp_path / "logs", progress=False, stream=out, force=True).run(
+        make({"a": 2}), work)
+    assert seen[3] == [stages.STARTED]  # --force redoes it
+    (tmp_path / "pre" / "stage.json").unlink()
+    runner.run(make({"a": 2}, resumable=False), work)
+    assert seen[4] == []  # a stage that cannot continue always starts empty
+
+
 def test_failed_command_names_stage_command_and_log(tmp_path):
     runner = Runner(tmp_path, tmp_path / "logs", progress=False, stream=io.StringIO())
     stage = Stage("boom", "boom", tmp_path / "boom", {})

@@ -99,7 +99,7 @@ def get_parser(repo: Path, description: Optional[str] = None) -> argparse.Argume
     p.add_argument("--output", type=Path, default=Path(repo) / "output" / "demo",
                    help="output folder (default: output/demo)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="full",
-                   help="default sizes: 'full' (~7.5 min on 2 CPU cores), 'smoke' (~1 min) or "
+                   help="default sizes: 'full' (8.5-10.5 min on 2 CPU cores), 'smoke' (~1 min) or "
                         "'reproduce' (the shipped pretraining from nothing, then 'full': hours)")
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -212,7 +212,7 @@ class Demo(Experiment):
                         code=self.pretrain_code, data=data.fingerprint())
         stage = Stage("pretrain", "pretrain itpn_nano (MIM + MFM, EMA teacher)",
                       self.out / "pretrain", settings,
-                      outputs=["checkpoint-last.pth", "backbone.pth", "log.txt"])
+                      outputs=["checkpoint-last.pth", "backbone.pth", "log.txt"], resumable=True)
 
         def work(stage: Stage) -> Dict:
             steps = a.pretrain_epochs * (a.num_pool // a.pretrain_batch)
@@ -223,6 +223,7 @@ class Demo(Experiment):
                    "--warmup_epochs", a.pretrain_warmup, "--blr", a.pretrain_blr,
                    "--seed", a.seed, "--device", a.device, "--output_dir", stage.out_dir,
                    "--cache_images",  # the pool is small: decode it once
+                   "--auto_resume",  # an interrupted run continues (the stage is resumable)
                    "--log_every", max(1, min(5, steps // 20)), "--vis_images", 8]
             self.runner.command(stage, cmd, pretrain_progress(steps))
             self.runner.command(stage, [python(), self.runner.script("tools/export_backbone.py"),

@@ -44,6 +44,9 @@ from ..runtime import set_omp_wait_policy
 PRETRAIN_CODE = ("pretrain", "itpn_d2/modeling")
 D2_CODE = ("configs", "itpn_d2")
 RECORD = "stage.json"
+# Settings of a resumable stage's run, written when it starts: an interrupted run with the same
+# settings is continued instead of redone.
+STARTED = "stage.started.json"
 # What trains when fine-tuning from a pre-trained start: the detection recipe's overrides.
 FREEZE_PROTOCOLS = {
     "full": {},  # everything
@@ -142,6 +145,9 @@ class Stage:
         settings: everything that determines the stage's outputs, including the records of
             the stages it reads from; JSON-serialisable.
         outputs: files (relative to ``out_dir``) that must exist for the stage to be reused.
+        resumable: ``work`` continues what an interrupted run left in ``out_dir`` (as
+            ``pretrain/main.py --auto_resume`` does), so a run with the same settings keeps
+            the folder instead of emptying it.
     """
 
     name: str
@@ -149,6 +155,7 @@ class Stage:
     out_dir: Path
     settings: Dict
     outputs: Sequence[str] = ()
+    resumable: bool = False
     results: Dict = field(default_factory=dict)
     wall_s: float = 0.0
     reused: bool = False
@@ -175,13 +182,28 @@ class Stage:
         self.wall_s = record.get("wall_s", 0.0)
         return True
 
+    def interrupted(self) -> bool:
+        """True when a resumable stage's unfinished run with the same settings left its
+        folder."""
+        if not self.resumable:
+            return False
+        try:
+            record = json.loads((self.out_dir / STARTED).read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        return (record.get("version") == RECORD_VERSION
+                and record.get("settings") == _jsonable(self.settings))
+
     def save(self) -> None:
-        record = {"version": RECORD_VERSION, "stage": self.name, "settings": self.settings,
-                  "results": self.results, "wall_s": round(self.wall_s, 1),
-                  "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-        tmp = self.record_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(_jsonable(record), indent=2) + "\n")
-        os.replace(tmp, self.record_path)
+        _write_json(self.record_path, {
+            "version": RECORD_VERSION, "stage": self.name, "settings": self.settings,
+            "results": self.results, "wall_s": round(self.wall_s, 1),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+    def save_started(self) -> None:
+        _write_json(self.out_dir / STARTED, {
+            "version": RECORD_VERSION, "stage": self.name, "settings": self.settings,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")})
 
     def fingerprint(self) -> Dict:
         """What downstream stages put in their settings: this stage's settings."""
@@ -190,6 +212,12 @@ class Stage:
 
 # What the stages run: the experiments work from a checkout only (an installed itpn_d2 has none).
 CHECKOUT_PARTS = ("tools/lazyconfig_train_net.py", "pretrain/main.py", "configs/toy")
+
+
+def _write_json(path: Path, record: Dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(_jsonable(record), indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def require_checkout(repo: Path) -> None:
@@ -244,11 +272,16 @@ class Runner:
             self.say(f"[{index}] {stage.title}: reused {stage.out_dir} "
                      f"(same settings; --force redoes it)")
             return stage
-        if not self.dry_run:
+        resuming = not self.force and not self.dry_run and stage.interrupted()
+        if not self.dry_run and not resuming:
             if stage.out_dir.exists():
                 shutil.rmtree(stage.out_dir)
             stage.out_dir.mkdir(parents=True)
-        self.say(f"[{index}] {stage.title} ...")
+            if stage.resumable:
+                stage.save_started()
+        self.say(f"[{index}] {stage.title}"
+                 + (f": continuing the interrupted run in {stage.out_dir} ..." if resuming
+                    else " ..."))
         start = time.perf_counter()
         stage.results = work(stage) or {}
         stage.wall_s = time.perf_counter() - start

@@ -218,7 +218,7 @@ class Study(Experiment):
                         else None)
         stage = Stage(f"pretrain_{arm}", f"pretrain {a.model} for the {arm} arm "
                       f"(--pyramid {pyramid} --mfm {mfm})", self.out / f"pretrain_{arm}",
-                      settings, outputs=["checkpoint-last.pth", "backbone.pth"])
+                      settings, outputs=["checkpoint-last.pth", "backbone.pth"], resumable=True)
 
         def work(stage: Stage) -> Dict:
             launcher = [python()]
@@ -230,7 +230,8 @@ class Study(Experiment):
                    "--pyramid", pyramid, "--mfm", mfm, "--batch_size", a.pretrain_batch,
                    "--epochs", a.pretrain_epochs, "--warmup_epochs", a.pretrain_warmup,
                    "--blr", a.pretrain_blr, "--device", a.device, "--output_dir",
-                   stage.out_dir, "--log_every", 5, "--vis_images", 0, *a.pretrain_args.split()]
+                   stage.out_dir, "--log_every", 5, "--vis_images", 0, "--auto_resume",
+                   *a.pretrain_args.split()]
             total = None
             if self.toy_pretrain:
                 images = a.num_pool if self.pretrain_split == "pool" else a.num_train
