@@ -164,19 +164,21 @@ class Stage:
     def record_path(self) -> Path:
         return self.out_dir / RECORD
 
+    def _matching_record(self, path: Path) -> Optional[Dict]:
+        """The record at ``path`` if this stage's code version and settings wrote it."""
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if record.get("version") != RECORD_VERSION \
+                or record.get("settings") != _jsonable(self.settings):
+            return None
+        return record
+
     def reusable(self) -> bool:
         """True when a finished run with the same settings left its record and outputs."""
-        if not self.record_path.is_file():
-            return False
-        try:
-            record = json.loads(self.record_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return False
-        if record.get("version") != RECORD_VERSION:
-            return False
-        if record.get("settings") != _jsonable(self.settings):
-            return False
-        if not all((self.out_dir / o).exists() for o in self.outputs):
+        record = self._matching_record(self.record_path)
+        if record is None or not all((self.out_dir / o).exists() for o in self.outputs):
             return False
         self.results = record.get("results", {})
         self.wall_s = record.get("wall_s", 0.0)
@@ -185,14 +187,7 @@ class Stage:
     def interrupted(self) -> bool:
         """True when a resumable stage's unfinished run with the same settings left its
         folder."""
-        if not self.resumable:
-            return False
-        try:
-            record = json.loads((self.out_dir / STARTED).read_text())
-        except (OSError, json.JSONDecodeError):
-            return False
-        return (record.get("version") == RECORD_VERSION
-                and record.get("settings") == _jsonable(self.settings))
+        return self.resumable and self._matching_record(self.out_dir / STARTED) is not None
 
     def save(self) -> None:
         _write_json(self.record_path, {
