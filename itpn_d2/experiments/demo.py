@@ -61,7 +61,7 @@ STUDY_RESULTS = (Path("results") / "toy" / "transfer_study_96ep",
 
 # Settings of each preset; command-line flags override single values.
 PRESETS: Dict[str, Dict[str, object]] = {
-    # ~7.5 minutes on 2 CPU cores (measured numbers: README.md).
+    # 8.5-10.5 minutes on 2 CPU cores (measured on 3 seeds: README.md, "What the demo shows").
     "full": dict(
         num_train=256, num_val=64, num_pool=1024, num_probe=768, image_size=TOY_IMAGE_SIZE,
         init="shipped",
