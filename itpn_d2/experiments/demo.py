@@ -87,7 +87,7 @@ PRESETS: Dict[str, Dict[str, object]] = {
 }
 # Everything from nothing: the live pretraining is SHIPPED's (the command in
 # itpn_d2/weights/<SHIPPED>.json: 96 epochs of the 4096-image pool), and the full preset's
-# fine-tuning starts from it. About two hours on 2 CPU cores (README "The demo").
+# fine-tuning starts from it. 110 minutes on 2 CPU cores, measured end to end (README "The demo").
 PRESETS["reproduce"] = {**PRESETS["full"], "num_pool": 4096, "init": "live",
                         "pretrain_epochs": 96, "pretrain_warmup": 1.0}
 
@@ -100,7 +100,7 @@ def get_parser(repo: Path, description: Optional[str] = None) -> argparse.Argume
                    help="output folder (default: output/demo)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="full",
                    help="default sizes: 'full' (8.5-10.5 min on 2 CPU cores), 'smoke' (~1 min) or "
-                        "'reproduce' (the shipped pretraining from nothing, then 'full': hours)")
+                        "'reproduce' (the shipped pretraining from nothing, then 'full': ~2 h)")
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if available)")
